@@ -1,0 +1,207 @@
+"""ModelArgs: the decoder's hyper-parameters, read from a Hugging Face config.json.
+
+Field names are spelled as in config.json so that a reader can check one against the other. Keys we do
+not use are dropped; keys that would change the computation in a way we do not implement raise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+
+
+class ConfigError(ValueError):
+    """config.json is missing a key, has a contradictory one, or asks for something we do not implement."""
+
+
+@dataclass(frozen=True)
+class ModelArgs:
+    # Architecture family: decides q/k/v bias (qwen2) and per-head q/k RMSNorm (qwen3).
+    model_type: str
+    # Rows of embed_tokens.
+    vocab_size: int
+    # Residual stream width C.
+    hidden_size: int
+    # Width of the SwiGLU MLP's gate/up projections.
+    intermediate_size: int
+    # Number of decoder layers L.
+    num_hidden_layers: int
+    # Query heads Hq.
+    num_attention_heads: int
+    # Key/value heads Hkv (GQA when < Hq).
+    num_key_value_heads: int
+    # Per-head width D. Read from config.json when present: Qwen3 has Hq * D != C.
+    head_dim: int
+    # Epsilon inside every RMSNorm.
+    rms_norm_eps: float
+    # RoPE base frequency.
+    rope_theta: float
+    # RoPE frequency scaling: None, or {"rope_type": "linear"|"llama3", "factor": ..., ...}.
+    rope_scaling: dict | None
+    # Longest position the model was trained for (informational; used as the default context limit).
+    max_position_embeddings: int
+    # lm_head shares embed_tokens (we never use lm_head, but loaders need to know which keys to expect).
+    tie_word_embeddings: bool
+    # Bias on q/k/v projections (always on for qwen2; llama's `attention_bias` also puts one on o_proj).
+    qkv_bias: bool
+    # Bias on o_proj (llama `attention_bias`).
+    o_bias: bool
+    # Bias on the MLP projections (llama `mlp_bias`).
+    mlp_bias: bool
+    # Per-head RMSNorm on q and k before RoPE (qwen3).
+    qk_norm: bool
+    # Keys further back than this many positions are invisible (mistral; qwen2/3 with use_sliding_window).
+    sliding_window: int | None
+    # Per-layer "full_attention" / "sliding_attention"; length L.
+    layer_types: tuple[str, ...]
+    # Token ids, informational (the tokenizer decides what it adds).
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    @property
+    def n_rep(self) -> int:
+        """How many query heads share one key/value head."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    @classmethod
+    def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
+        model_type = cfg.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ConfigError(
+                f"config.json: model_type={model_type!r} is not supported; "
+                f"supported model types are {', '.join(SUPPORTED_MODEL_TYPES)}"
+            )
+
+        def need(key: str) -> Any:
+            if cfg.get(key) is None:
+                raise ConfigError(f"config.json ({model_type}): required key {key!r} is missing")
+            return cfg[key]
+
+        hidden_size = int(need("hidden_size"))
+        n_heads = int(need("num_attention_heads"))
+        # Llama-1/2 era configs omit num_key_value_heads: that means plain multi-head attention.
+        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+        if n_heads % n_kv:
+            raise ConfigError(
+                f"config.json: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}"
+            )
+        # head_dim is read, never derived, when present (Qwen3-0.6B: 1024 wide, 16 heads, head_dim 128).
+        head_dim = cfg.get("head_dim")
+        if head_dim is None:
+            if hidden_size % n_heads:
+                raise ConfigError(
+                    f"config.json: no head_dim and hidden_size={hidden_size} is not divisible by "
+                    f"num_attention_heads={n_heads}"
+                )
+            head_dim = hidden_size // n_heads
+        head_dim = int(head_dim)
+        if head_dim % 2:
+            raise ConfigError(f"config.json: head_dim={head_dim} must be even for rotary embeddings")
+
+        act = cfg.get("hidden_act", "silu")
+        if act != "silu":
+            raise ConfigError(f"config.json: hidden_act={act!r} is not supported (only 'silu')")
+
+        rope_theta, rope_scaling = _fold_rope(cfg)
+        n_layers = int(need("num_hidden_layers"))
+        sliding_window, layer_types = _fold_sliding_window(cfg, model_type, n_layers)
+
+        attention_bias = bool(cfg.get("attention_bias") or False)
+        return cls(
+            model_type=model_type,
+            vocab_size=int(need("vocab_size")),
+            hidden_size=hidden_size,
+            intermediate_size=int(need("intermediate_size")),
+            num_hidden_layers=n_layers,
+            num_attention_heads=n_heads,
+            num_key_value_heads=n_kv,
+            head_dim=head_dim,
+            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+            tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
+            # Qwen2 always has q/k/v bias and never an o_proj bias; Llama's attention_bias covers all four.
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            mlp_bias=bool(cfg.get("mlp_bias") or False),
+            qk_norm=model_type == "qwen3",
+            sliding_window=sliding_window,
+            layer_types=layer_types,
+            bos_token_id=cfg.get("bos_token_id"),
+            eos_token_id=cfg.get("eos_token_id"),
+        )
+
+    def to_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["layer_types"] = list(self.layer_types)
+        return d
+
+
+def _fold_rope(cfg: dict[str, Any]) -> tuple[float, dict | None]:
+    """One place for the three spellings: legacy `rope_theta` + `rope_scaling`, and newer `rope_parameters`."""
+    params = cfg.get("rope_parameters")
+    scaling = cfg.get("rope_scaling")
+    if params is not None:
+        # transformers >= 5 writes {"rope_type", "rope_theta", <scaling keys>} in one dict.
+        params = dict(params)
+        theta = params.pop("rope_theta", cfg.get("rope_theta"))
+        scaling = params
+    else:
+        theta = cfg.get("rope_theta")
+        scaling = dict(scaling) if scaling else None
+    if theta is None:
+        theta = 10000.0
+    if scaling is not None:
+        # Old configs spell it "type"; "default" means no scaling at all.
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ConfigError(
+                f"config.json: rope_type={rope_type!r} is not supported; "
+                f"supported rope types are {', '.join(SUPPORTED_ROPE_TYPES)}"
+            )
+        if rope_type == "default":
+            scaling = None
+        else:
+            need = ["factor"]
+            if rope_type == "llama3":
+                need += ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
+            missing = [k for k in need if scaling.get(k) is None]
+            if missing:
+                raise ConfigError(f"config.json: rope scaling {rope_type!r} is missing {', '.join(missing)}")
+            scaling = {"rope_type": rope_type, **{k: scaling[k] for k in need}}
+    return float(theta), scaling
+
+
+def _fold_sliding_window(cfg: dict[str, Any], model_type: str, n_layers: int) -> tuple[int | None, tuple[str, ...]]:
+    """Which layers attend through a sliding window, and how wide it is."""
+    window = cfg.get("sliding_window")
+    if model_type in ("qwen2", "qwen3"):
+        # Qwen configs carry a sliding_window value even when it is switched off.
+        if not cfg.get("use_sliding_window", False):
+            window = None
+    layer_types = cfg.get("layer_types")
+    if layer_types is None:
+        if window is None:
+            layer_types = ["full_attention"] * n_layers
+        elif model_type in ("qwen2", "qwen3"):
+            # transformers: layers at index >= max_window_layers slide.
+            first = int(cfg.get("max_window_layers", n_layers))
+            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
+        else:
+            layer_types = ["sliding_attention"] * n_layers
+    layer_types = tuple(layer_types)
+    if len(layer_types) != n_layers:
+        raise ConfigError(f"config.json: layer_types has {len(layer_types)} entries but num_hidden_layers={n_layers}")
+    unknown = set(layer_types) - {"full_attention", "sliding_attention"}
+    if unknown:
+        raise ConfigError(f"config.json: layer_types has unsupported entries {sorted(unknown)}")
+    if "sliding_attention" in layer_types and window is None:
+        raise ConfigError("config.json: layer_types asks for sliding_attention but sliding_window is not set")
+    if window is not None and "sliding_attention" not in layer_types:
+        window = None
+    return (int(window) if window is not None else None), layer_types
