@@ -1,0 +1,112 @@
+"""The input of `kvembed embed-corpus`: a JSON-lines file, one `{"id": ..., "text": ...}` object per line.
+
+Notation: a *line* is a line of the file, numbered from 1 as an editor shows it; a *row* is a line that
+holds a text to embed. Blank lines are not rows (a trailing newline is common). Rows are numbered 0..N-1
+in file order, and that numbering is the output order.
+
+One pass over the file validates every line, hashes the bytes and records the byte offset of each row,
+so a rank later reads only the rows of its own parts (8 bytes per row stay in memory, not the texts).
+Every rank makes the same pass, so every rank sees the same rows and stops on the same bad line.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class InputError(ValueError):
+    """A line of the input JSONL cannot be turned into (id, text)."""
+
+
+@dataclass(frozen=True)
+class InputIndex:
+    # The JSONL file.
+    path: Path
+    # Field holding each row's id (missing -> the row's line number).
+    id_field: str
+    # Field holding each row's text.
+    text_field: str
+    # (N,) int64: byte offset where row i's line starts.
+    offsets: np.ndarray
+    # (N,) int64: line number (1-based) of row i.
+    line_numbers: np.ndarray
+    # Lines left out under skip_bad: [{"line": n, "error": "..."}], in file order.
+    skipped: list = field(default_factory=list)
+    # sha256 of the whole file, so a rerun can tell that the input changed under it.
+    sha256: str = ""
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+def parse_line(raw: bytes, line_no: int, id_field: str, text_field: str):
+    """(id, text) of one line, or InputError saying what is wrong with it."""
+    try:
+        obj = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"line {line_no}: not a valid UTF-8 JSON object ({e})") from None
+    if not isinstance(obj, dict):
+        raise InputError(f"line {line_no}: expected a JSON object, got {type(obj).__name__}")
+    if text_field not in obj:
+        raise InputError(
+            f"line {line_no}: no {text_field!r} field (fields: {sorted(obj)}); name the text field with --text-field"
+        )
+    text = obj[text_field]
+    if not isinstance(text, str):
+        raise InputError(f"line {line_no}: field {text_field!r} must be a string, got {type(text).__name__}")
+    # A missing id is the line number: stable, unique, and what a user finds in an editor.
+    rid = obj.get(id_field, line_no)
+    # bool is an int subclass, but True as an id is almost surely a wrong --id-field.
+    if isinstance(rid, bool) or not isinstance(rid, (str, int)):
+        raise InputError(f"line {line_no}: field {id_field!r} must be a string or an integer, got {rid!r}")
+    return rid, text
+
+
+def scan_jsonl(path, *, id_field: str = "id", text_field: str = "text", skip_bad: bool = False) -> InputIndex:
+    """Validate every line of `path` and index its rows. A bad line raises InputError naming the file and
+    line, unless skip_bad, which leaves it out and lists it in `skipped` (and so in the manifest)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"{path}: no such input file")
+    digest = hashlib.sha256()
+    offsets, line_numbers, skipped = [], [], []
+    offset = 0
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            digest.update(raw)
+            if raw.strip():
+                try:
+                    parse_line(raw, line_no, id_field, text_field)
+                    offsets.append(offset)
+                    line_numbers.append(line_no)
+                except InputError as e:
+                    if not skip_bad:
+                        raise InputError(f"{path}: {e} (pass --skip-bad-lines to leave such lines out)") from None
+                    skipped.append({"line": line_no, "error": str(e)})
+            offset += len(raw)
+    return InputIndex(
+        path=path,
+        id_field=id_field,
+        text_field=text_field,
+        offsets=np.asarray(offsets, dtype=np.int64),
+        line_numbers=np.asarray(line_numbers, dtype=np.int64),
+        skipped=skipped,
+        sha256=digest.hexdigest(),
+    )
+
+
+def read_rows(index: InputIndex, start: int, end: int) -> tuple[list, list[str]]:
+    """ids and texts of rows [start, end), read from the file by offset."""
+    ids, texts = [], []
+    with open(index.path, "rb") as f:
+        for row in range(start, end):
+            f.seek(int(index.offsets[row]))
+            rid, text = parse_line(f.readline(), int(index.line_numbers[row]), index.id_field, index.text_field)
+            ids.append(rid)
+            texts.append(text)
+    return ids, texts

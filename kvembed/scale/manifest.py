@@ -1,0 +1,137 @@
+"""What an OUTDIR promises: the run config (`run.json`), the final assembly and `manifest.json`, the reader.
+
+    run.json        written before any part: model fingerprint, method, input checksum, part and batch
+                    size. A rerun into the same OUTDIR must agree on its key fields or it is refused,
+                    so a directory never mixes parts of two models, methods or inputs.
+    embeddings.npy  float32 (N, dim), all parts in input order (one file, so readers can memory-map it)
+    ids.json        the N ids, in input order
+    manifest.json   written last by rank 0: every part with its row range and checksums, the two files
+                    above with theirs, skipped input lines, count, dim, dtype. Present = complete.
+
+Everything here is a function of (input, model, method, part size, batch size) and nothing else — no
+times, ranks or host names — so the bytes are the same whatever the number of ranks. Timings go to
+`summary.json`, which is a log, not output.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+from kvembed.scale.parts import (
+    atomic_write,
+    json_bytes,
+    load_part,
+    n_parts,
+    part_range,
+    read_record,
+    sha256_bytes,
+    sha256_file,
+)
+
+FORMAT = "kvembed-corpus/1"
+# Fields of run.json that must match for a rerun to reuse parts. The rest ("method" as typed on the
+# command line, the input's file name) is informational: `--bias 1.0` and the default give one fingerprint.
+KEY_FIELDS = ("format", "fingerprint", "dtype", "prompt_name", "input_sha256", "id_field", "text_field",
+              "skip_bad_lines", "part_size", "batch_size", "dim")
+
+
+class OutdirError(RuntimeError):
+    """OUTDIR belongs to another run, or is incomplete or damaged."""
+
+
+def run_key(config: dict) -> str:
+    return sha256_bytes(json_bytes({k: config.get(k) for k in KEY_FIELDS}))
+
+
+def check_or_claim(outdir: Path, config: dict, *, write: bool) -> None:
+    """Refuse if OUTDIR's run.json disagrees with `config`; if absent and `write`, create it."""
+    path = outdir / "run.json"
+    if path.is_file():
+        old = json.loads(path.read_text(encoding="utf-8"))
+        diff = [k for k in KEY_FIELDS if old.get(k) != config.get(k)]
+        if diff:
+            lines = "\n".join(f"  {k}: OUTDIR has {old.get(k)!r}, this run has {config.get(k)!r}" for k in diff)
+            raise OutdirError(
+                f"{outdir} holds a run with a different configuration:\n{lines}\n"
+                "Use a new OUTDIR, or delete this one to start over; parts of two runs are never mixed."
+            )
+    elif write:
+        atomic_write(path, json_bytes(config))
+
+
+def assemble(outdir: Path, config: dict, n_rows: int) -> dict:
+    """Stream every finished part into embeddings.npy and ids.json, then commit manifest.json.
+    Raises OutdirError naming the first part that is missing or does not verify."""
+    key, size, dim = run_key(config), config["part_size"], config["dim"]
+    records, all_ids = [], []
+    tmp = outdir / f"embeddings.npy.tmp-{os.getpid()}"
+    # open_memmap writes the .npy header and maps the body: parts are copied in without holding N x dim.
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, dim))
+    for k in range(n_parts(n_rows, size)):
+        start, end = part_range(k, size, n_rows)
+        rec = read_record(outdir, k)
+        if not rec or rec.get("run_key") != key or (rec.get("start"), rec.get("end")) != (start, end):
+            raise OutdirError(f"{outdir}: part {k} (rows {start}..{end - 1}) is not finished; rerun to compute it")
+        matrix, ids = load_part(outdir, rec)
+        if matrix.shape != (end - start, dim) or len(ids) != end - start:
+            raise OutdirError(f"{outdir / rec['file']}: shape {matrix.shape}, expected {(end - start, dim)}")
+        out[start:end] = matrix
+        all_ids.extend(ids)
+        records.append({k2: v for k2, v in rec.items() if k2 != "run_key"})
+    out.flush()
+    del out
+    emb_sha = sha256_file(tmp)
+    os.replace(tmp, outdir / "embeddings.npy")
+    ids_data = json_bytes(all_ids)
+    atomic_write(outdir / "ids.json", ids_data)
+    manifest = dict(config)
+    manifest.update(
+        complete=True,
+        count=n_rows,
+        dtype="float32",
+        run_key=key,
+        parts=records,
+        embeddings={"file": "embeddings.npy", "shape": [n_rows, dim], "sha256": emb_sha},
+        ids={"file": "ids.json", "sha256": sha256_bytes(ids_data)},
+    )
+    atomic_write(outdir / "manifest.json", json_bytes(manifest))
+    return manifest
+
+
+def read_manifest(outdir) -> dict:
+    path = Path(outdir) / "manifest.json"
+    if not path.is_file():
+        raise OutdirError(
+            f"{path}: not found — the embedding run into {outdir} has not finished; rerun the same "
+            "`kvembed embed-corpus` command to resume it"
+        )
+    manifest = json.loads(path.read_text(encoding="utf-8"))
+    if manifest.get("format") != FORMAT or not manifest.get("complete"):
+        raise OutdirError(f"{path}: not a complete {FORMAT} manifest (format={manifest.get('format')!r})")
+    return manifest
+
+
+def load_corpus_embeddings(outdir, *, verify: bool = False) -> tuple[list, np.ndarray]:
+    """(ids, matrix) of a finished `embed-corpus` run, in input order. `matrix` is a read-only np.memmap
+    of OUTDIR/embeddings.npy, float32 (N, dim): rows are read from disk as they are touched.
+    verify=True also checks the sha256 of both files against the manifest (reads everything once)."""
+    outdir = Path(outdir)
+    manifest = read_manifest(outdir)
+    emb_path, ids_path = outdir / manifest["embeddings"]["file"], outdir / manifest["ids"]["file"]
+    for path, entry in ((emb_path, manifest["embeddings"]), (ids_path, manifest["ids"])):
+        if not path.is_file():
+            raise OutdirError(f"{path}: listed in manifest.json but missing")
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise OutdirError(f"{path}: sha256 differs from manifest.json (file changed or damaged)")
+    ids = json.loads(ids_path.read_text(encoding="utf-8"))
+    matrix = np.load(emb_path, mmap_mode="r")
+    expected = (manifest["count"], manifest["dim"])
+    if matrix.shape != expected or matrix.dtype != np.float32 or len(ids) != manifest["count"]:
+        raise OutdirError(
+            f"{emb_path}: {matrix.dtype} {matrix.shape} with {len(ids)} ids; manifest.json says float32 {expected}"
+        )
+    return ids, matrix

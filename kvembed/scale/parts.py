@@ -1,0 +1,136 @@
+"""Fixed-size parts of the output, written so that a crash never leaves a half part that looks finished.
+
+Part k holds input rows [k * P, min((k + 1) * P, N)) — defined on the input order, never on the number of
+ranks, so the files are the same whoever computed them. Part k is three files in OUTDIR:
+
+    part-0000k.npy        float32 (rows, dim) embeddings, in input order
+    part-0000k.ids.json   the rows' ids, a JSON list
+    part-0000k.json       the commit record: row range, dim, sha256 of both files above, run key
+
+Each file is written under a temporary name and moved into place with `os.replace` (atomic on POSIX),
+and the commit record goes last: a part is finished exactly when its record exists, belongs to this
+run (same run key and row range) and both checksums verify. Anything else is recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+
+TMP_MARK = ".tmp-"
+
+
+def part_stem(k: int) -> str:
+    return f"part-{k:05d}"
+
+
+def n_parts(n_rows: int, part_size: int) -> int:
+    return (n_rows + part_size - 1) // part_size
+
+
+def part_range(k: int, part_size: int, n_rows: int) -> tuple[int, int]:
+    return k * part_size, min((k + 1) * part_size, n_rows)
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that `path` is either absent, old, or complete — never partial."""
+    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        # Without fsync a power loss after the rename can leave the new name pointing at empty blocks.
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def json_bytes(obj) -> bytes:
+    # Sorted keys and fixed separators: the same object always gives the same bytes (and checksum).
+    return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
+
+
+def npy_bytes(matrix: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(matrix, dtype=np.float32), allow_pickle=False)
+    return buf.getvalue()
+
+
+def remove_stale_tmp(outdir: Path) -> list[str]:
+    """Delete temporary files left by a killed writer. Call only while no rank is writing."""
+    removed = []
+    for p in outdir.iterdir():
+        if TMP_MARK in p.name:
+            p.unlink(missing_ok=True)
+            removed.append(p.name)
+    return removed
+
+
+def write_part(outdir: Path, k: int, start: int, ids: list, matrix: np.ndarray, run_key: str) -> dict:
+    """Commit part k (rows [start, start + len(ids))) and return its record."""
+    if matrix.ndim != 2 or matrix.shape[0] != len(ids):
+        raise ValueError(f"part {k}: embeddings of shape {tuple(matrix.shape)} for {len(ids)} ids")
+    stem = part_stem(k)
+    npy, ids_data = npy_bytes(matrix), json_bytes(ids)
+    record = {
+        "part": k,
+        "start": start,
+        "end": start + len(ids),
+        "dim": int(matrix.shape[1]),
+        "file": f"{stem}.npy",
+        "sha256": sha256_bytes(npy),
+        "ids_file": f"{stem}.ids.json",
+        "ids_sha256": sha256_bytes(ids_data),
+        "run_key": run_key,
+    }
+    atomic_write(outdir / record["file"], npy)
+    atomic_write(outdir / record["ids_file"], ids_data)
+    atomic_write(outdir / f"{stem}.json", json_bytes(record))  # last: the commit point
+    return record
+
+
+def read_record(outdir: Path, k: int) -> dict | None:
+    try:
+        return json.loads((outdir / f"{part_stem(k)}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # absent or unreadable: not finished
+
+
+def finished_record(outdir: Path, k: int, start: int, end: int, run_key: str, *, verify: bool = True) -> dict | None:
+    """Part k's record if the part is finished for this run, else None (it must be recomputed)."""
+    rec = read_record(outdir, k)
+    if not rec or rec.get("run_key") != run_key or (rec.get("start"), rec.get("end")) != (start, end):
+        return None
+    if verify:
+        for name, key in (("file", "sha256"), ("ids_file", "ids_sha256")):
+            path = outdir / str(rec.get(name))
+            if not path.is_file() or sha256_file(path) != rec.get(key):
+                return None
+    return rec
+
+
+def load_part(outdir: Path, rec: dict) -> tuple[np.ndarray, list]:
+    """Embeddings and ids of a finished part, checked against its record (one read of each file)."""
+    npy = (outdir / rec["file"]).read_bytes()
+    ids_data = (outdir / rec["ids_file"]).read_bytes()
+    if sha256_bytes(npy) != rec["sha256"] or sha256_bytes(ids_data) != rec["ids_sha256"]:
+        raise RuntimeError(
+            f"{outdir / rec['file']}: checksum differs from {part_stem(rec['part'])}.json (file changed after it "
+            "was written); delete the part's three files and rerun to recompute it"
+        )
+    return np.load(io.BytesIO(npy), allow_pickle=False), json.loads(ids_data)

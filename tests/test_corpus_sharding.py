@@ -1,0 +1,193 @@
+"""embed-corpus logic with a fake embedder: sharding, world-size independence, resume, manifest, reader.
+
+The fake maps each text to a vector seeded by its sha256, so a wrong row order, a lost row or a recomputed
+part shows as a wrong vector or an extra encode call. Ranks are simulated in one process (rank/world_size
+passed explicitly, no process group): the real multi-process run is in test_corpus_torchrun.py.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+
+from kvembed.corpus import embed_corpus, embed_part
+from kvembed.scale.inputs import InputError
+from kvembed.scale.manifest import OutdirError, load_corpus_embeddings
+
+DIM = 8
+
+
+def vec(text: str) -> np.ndarray:
+    seed = int.from_bytes(hashlib.sha256(text.encode()).digest()[:8], "little")
+    return np.random.default_rng(seed).standard_normal(DIM).astype(np.float32)
+
+
+class FakeEmbedder:
+    fingerprint = "fake-model/v1"
+
+    def __init__(self, crash_after: int | None = None):
+        self.calls: list[list[str]] = []
+        self.crash_after = crash_after
+
+    def get_embedding_dimension(self):
+        return DIM
+
+    def encode(self, texts, *, prompt_name=None, batch_size=32, show_progress_bar=None, convert_to_numpy=True):
+        assert prompt_name == "document" and batch_size == len(texts)
+        if self.crash_after is not None and len(self.calls) >= self.crash_after:
+            raise KeyboardInterrupt("simulated kill")
+        self.calls.append(list(texts))
+        return np.stack([vec(t) for t in texts])
+
+    def encoded(self) -> list[str]:
+        return [t for batch in self.calls for t in batch]
+
+
+def make_input(path, n=103):
+    # Lengths vary so that length sorting reorders rows; ids are strings out of numeric order.
+    with open(path, "w") as f:
+        for i in range(n):
+            f.write(json.dumps({"id": f"doc-{(i * 37) % n}", "text": f"text {i} " + "word " * (i % 7)}) + "\n")
+    return path
+
+
+OPTS = dict(part_size=10, batch_size=4, quiet=True)
+
+
+def outputs(outdir) -> dict[str, bytes]:
+    """Every file that is output (not the summary log, which holds timings)."""
+    return {p.name: p.read_bytes() for p in sorted(outdir.iterdir()) if p.name != "summary.json"}
+
+
+def run_world(inp, outdir, world, emb=None, **kw):
+    emb = emb or FakeEmbedder()
+    # Ranks other than 0 first: without a process group there is no barrier, and rank 0 assembles.
+    for rank in reversed(range(world)):
+        embed_corpus(inp, outdir, emb, rank=rank, world_size=world, **{**OPTS, **kw})
+    return emb
+
+
+def test_output_identical_for_any_world_size_and_in_input_order(tmp_path):
+    inp = make_input(tmp_path / "in.jsonl")
+    run_world(inp, tmp_path / "w1", 1)
+    run_world(inp, tmp_path / "w3", 3)
+    a, b = outputs(tmp_path / "w1"), outputs(tmp_path / "w3")
+    assert sorted(a) == sorted(b) and len([n for n in a if n.endswith(".npy") and n.startswith("part-")]) == 11
+    assert a == b
+    ids, matrix = load_corpus_embeddings(tmp_path / "w3", verify=True)
+    rows = [json.loads(line) for line in open(inp)]
+    assert ids == [r["id"] for r in rows]
+    assert isinstance(matrix, np.memmap) and matrix.shape == (103, DIM) and matrix.dtype == np.float32
+    np.testing.assert_array_equal(matrix, np.stack([vec(r["text"]) for r in rows]))
+    manifest = json.loads((tmp_path / "w3" / "manifest.json").read_text())
+    assert [(p["start"], p["end"]) for p in manifest["parts"]] == [(k * 10, min(k * 10 + 10, 103)) for k in range(11)]
+    assert manifest["count"] == 103 and manifest["fingerprint"] == "fake-model/v1"
+
+
+def test_ranks_take_parts_round_robin(tmp_path):
+    inp = make_input(tmp_path / "in.jsonl", n=50)
+    texts = [json.loads(line)["text"] for line in open(inp)]
+    emb = FakeEmbedder()
+    embed_corpus(inp, tmp_path / "out", emb, rank=1, world_size=2, finalize=False, **OPTS)
+    # rank 1 of 2 owns parts 1 and 3: rows 10..19 and 30..39, and nothing else.
+    assert sorted(emb.encoded()) == sorted(texts[10:20] + texts[30:40])
+
+
+def test_batches_are_length_sorted_within_one_part(tmp_path):
+    emb = FakeEmbedder()
+    texts = ["a", "bbbbbb", "cc", "dddd", "ee", "f", "ggggg"]
+    out = embed_part(emb, texts, batch_size=3, prompt_name="document")
+    np.testing.assert_array_equal(out, np.stack([vec(t) for t in texts]))
+    # longest first; equal lengths keep input order ("cc" before "ee", "a" before "f")
+    assert emb.calls == [["bbbbbb", "ggggg", "dddd"], ["cc", "ee", "a"], ["f"]]
+
+
+def test_resume_after_a_crash_recomputes_only_unfinished_parts(tmp_path):
+    inp = make_input(tmp_path / "in.jsonl")
+    run_world(inp, tmp_path / "clean", 2)
+    out = tmp_path / "crashed"
+    # Rank 1 of 2 owns parts 1,3,5,7,9; it dies in its 8th batch, the 2nd of part 5 (3 batches per part).
+    with pytest.raises(KeyboardInterrupt):
+        embed_corpus(inp, out, FakeEmbedder(crash_after=7), rank=1, world_size=2, finalize=False, **OPTS)
+    assert {p.name for p in out.glob("part-?????.json")} == {"part-00001.json", "part-00003.json"}
+    assert not (out / "part-00005.npy").exists() and not (out / "manifest.json").exists()
+    with pytest.raises(OutdirError, match="manifest.json: not found"):
+        load_corpus_embeddings(out)
+    # The rerun with 2 ranks computes parts 0,2,4,...,10 (rank 0) and 5,7,9 (rank 1): never 1 or 3.
+    emb = run_world(inp, out, 2)
+    texts = [json.loads(line)["text"] for line in open(inp)]
+    redo = [t for k in (0, 2, 4, 5, 6, 7, 8, 9, 10) for t in texts[k * 10 : k * 10 + 10]]
+    assert sorted(emb.encoded()) == sorted(redo)
+    assert outputs(out) == outputs(tmp_path / "clean")
+    # A third run finds everything done and encodes nothing.
+    emb = run_world(inp, out, 1)
+    assert emb.calls == [] and outputs(out) == outputs(tmp_path / "clean")
+
+
+def test_half_written_or_damaged_parts_are_recomputed(tmp_path):
+    inp = make_input(tmp_path / "in.jsonl", n=40)
+    run_world(inp, tmp_path / "clean", 1)
+    out = tmp_path / "out"
+    run_world(inp, out, 1)
+    (out / "manifest.json").unlink()
+    damaged = bytearray((out / "part-00001.npy").read_bytes())
+    damaged[-1] ^= 1  # flip one bit of the last float
+    (out / "part-00001.npy").write_bytes(bytes(damaged))
+    (out / "part-00002.json").unlink()  # killed between the data files and the commit record
+    (out / "part-00003.npy.tmp-12345").write_bytes(b"half")
+    emb = run_world(inp, out, 1)
+    texts = [json.loads(line)["text"] for line in open(inp)]
+    assert sorted(emb.encoded()) == sorted(texts[10:30])
+    assert outputs(out) == outputs(tmp_path / "clean")  # includes: the .tmp file is gone
+
+
+def test_rerun_with_another_model_or_part_size_is_refused(tmp_path):
+    inp = make_input(tmp_path / "in.jsonl", n=20)
+    run_world(inp, tmp_path / "out", 1)
+    other = FakeEmbedder()
+    other.fingerprint = "another-model/v2"
+    with pytest.raises(OutdirError, match="fingerprint: OUTDIR has 'fake-model/v1', this run has 'another-model/v2'"):
+        embed_corpus(inp, tmp_path / "out", other, **OPTS)
+    with pytest.raises(OutdirError, match="part_size"):
+        embed_corpus(inp, tmp_path / "out", FakeEmbedder(), **{**OPTS, "part_size": 7})
+    assert other.calls == []
+
+
+def test_ids_default_to_line_numbers_and_blank_lines_are_not_rows(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"body": "first"}\n\n{"key": 7, "body": "third line"}\n   \n{"body": "fifth"}\n')
+    embed_corpus(inp, tmp_path / "out", FakeEmbedder(), id_field="key", text_field="body", **OPTS)
+    ids, matrix = load_corpus_embeddings(tmp_path / "out")
+    assert ids == [1, 7, 5]
+    np.testing.assert_array_equal(matrix, np.stack([vec("first"), vec("third line"), vec("fifth")]))
+
+
+def test_bad_line_names_its_number_or_is_skipped_and_reported(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text('{"text": "ok"}\n{"text": "also ok"}\n{"text": 3}\n{not json\n{"txt": "x"}\n{"text": "end"}\n')
+    with pytest.raises(InputError, match=r"in.jsonl: line 3: field 'text' must be a string"):
+        embed_corpus(inp, tmp_path / "strict", FakeEmbedder(), **OPTS)
+    embed_corpus(inp, tmp_path / "out", FakeEmbedder(), skip_bad_lines=True, **OPTS)
+    ids, _ = load_corpus_embeddings(tmp_path / "out")
+    assert ids == [1, 2, 6]
+    skipped = json.loads((tmp_path / "out" / "manifest.json").read_text())["skipped_lines"]
+    assert [s["line"] for s in skipped] == [3, 4, 5] and "no 'text' field" in skipped[2]["error"]
+
+
+def test_reader_detects_a_changed_file_and_handles_an_empty_corpus(tmp_path):
+    inp = make_input(tmp_path / "in.jsonl", n=12)
+    run_world(inp, tmp_path / "out", 1)
+    with open(tmp_path / "out" / "embeddings.npy", "r+b") as f:
+        f.seek(-1, 2)
+        f.write(b"\x7f")
+    load_corpus_embeddings(tmp_path / "out")  # cheap open: no hashing
+    with pytest.raises(OutdirError, match="sha256 differs"):
+        load_corpus_embeddings(tmp_path / "out", verify=True)
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    embed_corpus(empty, tmp_path / "e", FakeEmbedder(), **OPTS)
+    ids, matrix = load_corpus_embeddings(tmp_path / "e", verify=True)
+    assert ids == [] and matrix.shape == (0, DIM)
