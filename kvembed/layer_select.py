@@ -126,7 +126,7 @@ def window_rule(ids: Sequence[float], n_layers: int) -> tuple[int, int, list[int
     skip = int(SKIP_FRACTION * n_layers + 1e-9)  # floor(0.2 L); the epsilon guards 0.2*L just under an integer
     rest = ids[skip:]
     if not np.all(np.isfinite(rest)):
-        bad = [skip + i for i in np.flatnonzero(~np.isfinite(rest))]
+        bad = [skip + int(i) for i in np.flatnonzero(~np.isfinite(rest))]
         raise ValueError(f"select_window: ID of layer(s) {bad} is not finite; cannot pick a minimum")
     m = skip + int(np.argmin(rest))  # np.argmin returns the first of equal minima
     width = max(1, n_layers // 10)
@@ -141,10 +141,32 @@ def select_window(ids: Sequence[float], n_layers: int) -> list[int]:
 # ------------------------------------------------------------------------------------- model states
 
 
-def _tokenize_batch(tokenizer, texts, template, max_length):
-    from kvembed.method import tokenize_batch
+@dataclass
+class _Batch:
+    input_ids: torch.Tensor  # (B, T) long, right padded
+    attention_mask: torch.Tensor  # (B, T) 0/1
 
+
+def _tokenize_batch(tokenizer, texts, template, max_length):
+    try:
+        from kvembed.method import tokenize_batch
+    except ImportError:  # kvembed.method not written yet: a stand-in that refuses to truncate
+        tokenize_batch = _plain_tokenize_batch
     return tokenize_batch(tokenizer, texts, template, max_length)
+
+
+def _plain_tokenize_batch(tokenizer, texts, template, max_length) -> _Batch:
+    rows = [tokenizer.encode(t if template is None else template.format(text=t), add_special_tokens=True).ids
+            for t in texts]
+    if max(map(len, rows)) > max_length:
+        raise ValueError(f"a prompted text is longer than max_length={max_length} tokens")
+    T = max(map(len, rows))
+    ids = torch.zeros(len(rows), T, dtype=torch.long)
+    mask = torch.zeros(len(rows), T, dtype=torch.long)
+    for b, r in enumerate(rows):
+        ids[b, : len(r)] = torch.tensor(r)
+        mask[b, : len(r)] = 1
+    return _Batch(ids, mask)
 
 
 @torch.no_grad()
@@ -173,3 +195,214 @@ def collect_final_token_states(model, tokenizer, texts: Sequence[str], template:
             out = np.empty((len(texts), h.shape[1], h.shape[2]), dtype=np.float32)
         out[idx] = h.float().cpu().numpy()
     return out
+
+
+# ------------------------------------------------------------------------------------ the selection
+
+
+@dataclass(frozen=True)
+class LayerSelection:
+    # Selected layers, ascending (0-based).
+    layers: list[int]
+    # TwoNN intrinsic dimension of the final-token states at the output of each layer; length L.
+    ids: list[float]
+    # floor(0.2 L): layers 0..skip-1 were not candidates.
+    skip: int
+    # The layer of minimum ID after the skip; layers[0].
+    m: int
+    # Texts actually used: min(N, corpus size).
+    n_texts: int
+    # sha256 of the whole corpus the sample was drawn from (see `corpus_sha256`).
+    corpus_sha256: str
+    # Seed of the sample.
+    seed: int
+    # Identity of the model weights (LoadedModel.fingerprint); None when the caller gave none.
+    fingerprint: str | None
+    # Prompt template the texts were wrapped in (None: raw text).
+    template: str | None = DOCUMENT_TEMPLATE
+    # Token budget per text (the text is cut, never the instruction).
+    max_length: int = 512
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "LayerSelection":
+        names = {f.name for f in dataclasses.fields(cls)}
+        missing = names - set(d) - {"template", "max_length"}
+        if missing:
+            raise ValueError(f"layer selection record lacks {sorted(missing)}")
+        return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def corpus_sha256(texts: Sequence[str]) -> str:
+    """sha256 of the corpus as a compact UTF-8 JSON list: unambiguous for texts with newlines, order-sensitive."""
+    blob = json.dumps(list(texts), ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+    return hashlib.sha256(blob).hexdigest()
+
+
+def sample_texts(texts: Sequence[str], n: int, seed: int) -> list[str]:
+    """n texts drawn without replacement by numpy's PCG64 with `seed`, kept in corpus order; all if fewer."""
+    if len(texts) <= n:
+        return list(texts)
+    idx = np.sort(np.random.default_rng(seed).choice(len(texts), size=n, replace=False))
+    return [texts[i] for i in idx]
+
+
+def cache_root() -> Path:
+    """The project's cache folder ($KVEMBED_CACHE, else ~/.cache/kvembed), as weights_loader defines it."""
+    try:
+        from weights_loader.default_model import cache_root as loader_cache_root
+    except (ImportError, AttributeError):
+        return Path(os.environ.get("KVEMBED_CACHE") or Path.home() / ".cache" / "kvembed")
+    return Path(loader_cache_root())
+
+
+def cache_key(fingerprint: str, corpus_sha: str, n_texts: int, seed: int, template: str | None, max_length: int) -> str:
+    """Everything the result depends on besides the code (batch size does not: batches never change a row)."""
+    fields = [CACHE_VERSION, fingerprint, corpus_sha, n_texts, seed, template, max_length]
+    return hashlib.sha256(json.dumps(fields).encode("utf-8")).hexdigest()[:32]
+
+
+def select_layers(model, tokenizer, texts: Sequence[str], *, n: int = 1000, seed: int = 0,
+                  template: str | None = DOCUMENT_TEMPLATE, fingerprint: str | None,
+                  cache_dir: str | Path | None = None, batch_size: int = 32, max_length: int = 512) -> LayerSelection:
+    """SPEC §1.4 on `texts`: sample N (seeded), run the plain model, TwoNN per layer, the window.
+
+    Cached as JSON in `cache_dir` (default `cache_root()/layer_select`) under `cache_key`; with
+    `fingerprint=None` nothing is cached, because nothing would say which weights the result belongs to.
+    """
+    texts = list(texts)
+    if n < 3:
+        raise ValueError(f"select_layers: n={n}; TwoNN needs at least 3 texts (SPEC default 1000)")
+    if len(texts) < 3:
+        raise ValueError(f"select_layers: the corpus has {len(texts)} texts; TwoNN needs at least 3")
+    sha = corpus_sha256(texts)
+    n_texts = min(n, len(texts))
+    path = None
+    if fingerprint is not None:
+        folder = Path(cache_dir) if cache_dir is not None else cache_root() / "layer_select"
+        path = folder / f"{cache_key(fingerprint, sha, n_texts, seed, template, max_length)}.json"
+        cached = _read_cached(path, fingerprint, sha, n_texts, seed)
+        if cached is not None:
+            return cached
+
+    states = collect_final_token_states(model, tokenizer, sample_texts(texts, n, seed), template, batch_size, max_length)
+    ids = id_curve(states)
+    skip, m, layers = window_rule(ids, len(ids))
+    sel = LayerSelection(layers=layers, ids=ids, skip=skip, m=m, n_texts=n_texts, corpus_sha256=sha, seed=seed,
+                         fingerprint=fingerprint, template=template, max_length=max_length)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(sel.to_dict(), indent=1))
+        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
+    return sel
+
+
+def _read_cached(path: Path, fingerprint: str, sha: str, n_texts: int, seed: int) -> LayerSelection | None:
+    if not path.is_file():
+        return None
+    try:
+        sel = LayerSelection.from_dict(json.loads(path.read_text()))
+    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+        print(f"kvembed: ignoring unreadable layer-selection cache {path} ({e}); recomputing", file=sys.stderr)
+        return None
+    if (sel.fingerprint, sel.corpus_sha256, sel.n_texts, sel.seed) != (fingerprint, sha, n_texts, seed):
+        return None  # a key collision or a hand-edited file: never return another model's layers
+    return sel
+
+
+def shipped_selection(fingerprint: str) -> LayerSelection | None:
+    """The selection shipped with the package (the default model on the id_corpus, N=1000, seed 0), if it is
+    for these weights; None otherwise, so the caller runs `select_layers`."""
+    if not SHIPPED.is_file():
+        return None
+    sel = LayerSelection.from_dict(json.loads(SHIPPED.read_text()))
+    return sel if sel.fingerprint == fingerprint else None
+
+
+def format_curve(selection: LayerSelection, width: int = 40) -> str:
+    """The per-layer ID as a text bar chart, marking the skipped layers, the minimum and the window."""
+    ids, chosen = selection.ids, set(selection.layers)
+    top = max(max(ids), 1e-12)
+    lines = [
+        f"intrinsic dimension (TwoNN) of the final-token state after each layer, {selection.n_texts} texts, "
+        f"seed {selection.seed}",
+        f"skip the first {selection.skip} of {len(ids)} layers; minimum at layer {selection.m}; "
+        f"selected layers {selection.layers}",
+    ]
+    for l, v in enumerate(ids):
+        bar = "#" * max(1, round(width * v / top))
+        mark = "skipped" if l < selection.skip else ""
+        if l in chosen:
+            mark = "<- selected (minimum)" if l == selection.m else "<- selected"
+        lines.append(f"{l:5d} {v:8.2f}  {bar:<{width}}  {mark}".rstrip())
+    return "\n".join(lines)
+
+
+# -------------------------------------------------------------------------------------------- corpora
+
+
+def read_id_corpus(path: str | Path) -> list[str]:
+    """Texts of a corpus file: `.jsonl` rows with a "text" field (the id_corpus format), or `.txt`, one per line."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"corpus {path} does not exist")
+    lines = path.read_text(encoding="utf-8").splitlines()
+    if path.suffix == ".txt":
+        return [s for s in (line.strip() for line in lines) if s]
+    if path.suffix != ".jsonl":
+        raise ValueError(f"corpus {path}: unknown format; give a .jsonl file with a \"text\" field per row, or a .txt file")
+    texts = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"corpus {path}, line {i}: not JSON ({e})") from None
+        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
+            raise ValueError(f"corpus {path}, line {i}: expected an object with a string \"text\" field")
+        texts.append(row["text"])
+    return texts
+
+
+# ------------------------------------------------------------------------------------------------ CLI
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of `kvembed select-layers`."""
+    parser.add_argument("--model", default=None, help="local folder, hub id or .gguf (default: SmolLM2-135M-Instruct)")
+    parser.add_argument("--corpus", default=None,
+                        help="FILE.jsonl (a \"text\" field per row) or FILE.txt (a text per line); "
+                             "without it, print the selection shipped for the default model")
+    parser.add_argument("--n", type=int, default=1000, help="texts sampled from the corpus (default 1000)")
+    parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--max-length", type=int, default=512, help="token budget per prompted text (default 512)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--cache-dir", default=None, help="where selections are cached (default: <cache root>/layer_select)")
+    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the selection as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    """`kvembed select-layers`: print the ID curve and the selected layers."""
+    import weights_loader
+
+    loaded = weights_loader.load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
+    if args.corpus is None:
+        sel = shipped_selection(loaded.fingerprint)
+        if sel is None or (args.n, args.seed, args.max_length) != (1000, 0, sel.max_length):
+            raise SystemExit("select-layers: no selection is shipped for this model and these options; "
+                             "pass --corpus FILE.jsonl|FILE.txt")
+        print("(the selection shipped with kvembed, computed on the id_corpus)")
+    else:
+        sel = select_layers(loaded.model, loaded.tokenizer, read_id_corpus(args.corpus), n=args.n, seed=args.seed,
+                            fingerprint=loaded.fingerprint, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                            max_length=args.max_length)
+    print(format_curve(sel))
+    if args.json_out:
+        Path(args.json_out).write_text(json.dumps(sel.to_dict(), indent=1) + "\n")
+    return 0
