@@ -27,8 +27,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-# SPEC §1.1 default document template (also the one for symmetric tasks); kvembed.method owns the live copy.
-DOCUMENT_TEMPLATE = '"Context: {text}" Compress the Context in one word:'
+# SPEC §1.4 runs the texts in the document prompt (RAW_TEMPLATE is template "none").
+from kvembed.method import DOCUMENT_TEMPLATE, RAW_TEMPLATE, check_template, tokenize_batch
+
 SKIP_FRACTION = 0.2  # floor(0.2 L) early layers are skipped
 FIT_FRACTION_NUM, FIT_FRACTION_DEN = 9, 10  # TwoNN fits on the smallest 90% of mu
 CACHE_VERSION = 1  # bump when anything that changes a cached result changes
@@ -141,36 +142,8 @@ def select_window(ids: Sequence[float], n_layers: int) -> list[int]:
 # ------------------------------------------------------------------------------------- model states
 
 
-@dataclass
-class _Batch:
-    input_ids: torch.Tensor  # (B, T) long, right padded
-    attention_mask: torch.Tensor  # (B, T) 0/1
-
-
-def _tokenize_batch(tokenizer, texts, template, max_length):
-    try:
-        from kvembed.method import tokenize_batch
-    except ImportError:  # kvembed.method not written yet: a stand-in that refuses to truncate
-        tokenize_batch = _plain_tokenize_batch
-    return tokenize_batch(tokenizer, texts, template, max_length)
-
-
-def _plain_tokenize_batch(tokenizer, texts, template, max_length) -> _Batch:
-    rows = [tokenizer.encode(t if template is None else template.format(text=t), add_special_tokens=True).ids
-            for t in texts]
-    if max(map(len, rows)) > max_length:
-        raise ValueError(f"a prompted text is longer than max_length={max_length} tokens")
-    T = max(map(len, rows))
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros(len(rows), T, dtype=torch.long)
-    for b, r in enumerate(rows):
-        ids[b, : len(r)] = torch.tensor(r)
-        mask[b, : len(r)] = 1
-    return _Batch(ids, mask)
-
-
 @torch.no_grad()
-def collect_final_token_states(model, tokenizer, texts: Sequence[str], template: str | None = DOCUMENT_TEMPLATE,
+def collect_final_token_states(model, tokenizer, texts: Sequence[str], template: str = DOCUMENT_TEMPLATE,
                                batch_size: int = 32, max_length: int = 512) -> np.ndarray:
     """(N, L, C) float32: `layer_outputs[l][b, last[b]]` of the plain model for every prompted text, in input order.
 
@@ -180,15 +153,15 @@ def collect_final_token_states(model, tokenizer, texts: Sequence[str], template:
     texts = list(texts)
     if not texts:
         raise ValueError("collect_final_token_states: no texts")
+    check_template(template)
     device = next(model.parameters()).device
     order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
     out: np.ndarray | None = None
     for s in range(0, len(texts), batch_size):
         idx = order[s : s + batch_size]
-        enc = _tokenize_batch(tokenizer, [texts[i] for i in idx], template, max_length)
-        ids, mask = enc.input_ids.to(device), enc.attention_mask.to(device)
-        res = model(ids, mask, output_hidden_states=True)
-        last = mask.sum(-1) - 1  # (B,) index of the final real token under right padding
+        batch = tokenize_batch(tokenizer, [texts[i] for i in idx], template, max_length, device)
+        res = model(batch.input_ids, batch.attention_mask, output_hidden_states=True)
+        last = batch.last  # (B,) attention_mask.sum(-1) - 1: the final real token under right padding
         rows = torch.arange(len(idx), device=device)
         h = torch.stack([lo[rows, last] for lo in res.layer_outputs], dim=1)  # L x (B, C) -> (B, L, C)
         if out is None:
@@ -218,8 +191,8 @@ class LayerSelection:
     seed: int
     # Identity of the model weights (LoadedModel.fingerprint); None when the caller gave none.
     fingerprint: str | None
-    # Prompt template the texts were wrapped in (None: raw text).
-    template: str | None = DOCUMENT_TEMPLATE
+    # Prompt template the texts were wrapped in (RAW_TEMPLATE "{text}": raw text).
+    template: str = DOCUMENT_TEMPLATE
     # Token budget per text (the text is cut, never the instruction).
     max_length: int = 512
 
@@ -258,14 +231,14 @@ def cache_root() -> Path:
     return Path(loader_cache_root())
 
 
-def cache_key(fingerprint: str, corpus_sha: str, n_texts: int, seed: int, template: str | None, max_length: int) -> str:
+def cache_key(fingerprint: str, corpus_sha: str, n_texts: int, seed: int, template: str, max_length: int) -> str:
     """Everything the result depends on besides the code (batch size does not: batches never change a row)."""
     fields = [CACHE_VERSION, fingerprint, corpus_sha, n_texts, seed, template, max_length]
     return hashlib.sha256(json.dumps(fields).encode("utf-8")).hexdigest()[:32]
 
 
 def select_layers(model, tokenizer, texts: Sequence[str], *, n: int = 1000, seed: int = 0,
-                  template: str | None = DOCUMENT_TEMPLATE, fingerprint: str | None,
+                  template: str = DOCUMENT_TEMPLATE, fingerprint: str | None,
                   cache_dir: str | Path | None = None, batch_size: int = 32, max_length: int = 512) -> LayerSelection:
     """SPEC §1.4 on `texts`: sample N (seeded), run the plain model, TwoNN per layer, the window.
 
@@ -273,6 +246,7 @@ def select_layers(model, tokenizer, texts: Sequence[str], *, n: int = 1000, seed
     `fingerprint=None` nothing is cached, because nothing would say which weights the result belongs to.
     """
     texts = list(texts)
+    check_template(template)
     if n < 3:
         raise ValueError(f"select_layers: n={n}; TwoNN needs at least 3 texts (SPEC default 1000)")
     if len(texts) < 3:
@@ -381,6 +355,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--max-length", type=int, default=512, help="token budget per prompted text (default 512)")
+    parser.add_argument("--template", default=None,
+                        help='prompt the texts are wrapped in: default the document template, "none" for the raw '
+                             "text, or any string with a {text} slot")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--cache-dir", default=None, help="where selections are cached (default: <cache root>/layer_select)")
@@ -391,16 +368,18 @@ def run(args: argparse.Namespace) -> int:
     """`kvembed select-layers`: print the ID curve and the selected layers."""
     import weights_loader
 
+    template = {None: DOCUMENT_TEMPLATE, "none": RAW_TEMPLATE}.get(args.template, args.template)
+    check_template(template)
     loaded = weights_loader.load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
     if args.corpus is None:
         sel = shipped_selection(loaded.fingerprint)
-        if sel is None or (args.n, args.seed, args.max_length) != (1000, 0, sel.max_length):
+        if sel is None or (args.n, args.seed, args.max_length, template) != (1000, 0, sel.max_length, sel.template):
             raise SystemExit("select-layers: no selection is shipped for this model and these options; "
                              "pass --corpus FILE.jsonl|FILE.txt")
         print("(the selection shipped with kvembed, computed on the id_corpus)")
     else:
         sel = select_layers(loaded.model, loaded.tokenizer, read_id_corpus(args.corpus), n=args.n, seed=args.seed,
-                            fingerprint=loaded.fingerprint, cache_dir=args.cache_dir, batch_size=args.batch_size,
+                            template=template, fingerprint=loaded.fingerprint, cache_dir=args.cache_dir, batch_size=args.batch_size,
                             max_length=args.max_length)
     print(format_curve(sel))
     if args.json_out:

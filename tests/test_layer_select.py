@@ -24,6 +24,7 @@ from scipy.spatial.distance import cdist
 
 from kvembed import layer_select as ls
 from kvembed.config import ModelArgs
+from kvembed.method import RAW_TEMPLATE, fill
 from kvembed.model import Decoder
 from tests import tiny
 
@@ -229,11 +230,11 @@ def test_final_token_states_pick_the_last_real_token(tiny_model):
     np.testing.assert_allclose(batched, single, rtol=1e-4, atol=1e-5)
     # Input order, and the state of the prompt's final token computed without any padding at all.
     for i in (0, 4):
-        ids = torch.tensor([tok.encode(ls.DOCUMENT_TEMPLATE.format(text=TEXTS[i])).ids])
+        ids = torch.tensor([tok.encode(fill(ls.DOCUMENT_TEMPLATE, TEXTS[i])).ids])
         out = model(ids, torch.ones_like(ids), output_hidden_states=True)
         want = torch.stack([h[0, -1] for h in out.layer_outputs]).numpy()  # (L, C)
         np.testing.assert_allclose(batched[i], want, rtol=1e-4, atol=1e-5)
-    lengths = {len(tok.encode(ls.DOCUMENT_TEMPLATE.format(text=t)).ids) for t in TEXTS}
+    lengths = {len(tok.encode(fill(ls.DOCUMENT_TEMPLATE, t)).ids) for t in TEXTS}
     assert len(lengths) > 2  # the batch really was padded
     assert not np.allclose(batched[0], batched[4])  # and different texts differ
 
@@ -362,3 +363,29 @@ def test_selection_json_round_trip_and_shipped_lookup(tmp_path, monkeypatch):
     monkeypatch.setattr(ls, "SHIPPED", shipped)
     assert ls.shipped_selection("fp-default") == sel
     assert ls.shipped_selection("another model") is None
+
+
+def test_cli_select_layers_on_a_checkpoint(tmp_path, capsys):
+    import argparse
+
+    folder, _ = tiny.write_checkpoint(tmp_path / "ckpt", "qwen2")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(CORPUS) + "\n")
+    parser = argparse.ArgumentParser()
+    ls.add_arguments(parser)
+    out = tmp_path / "sel.json"
+    argv = ["--model", str(folder), "--corpus", str(corpus), "--n", "12", "--batch-size", "5",
+            "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
+    assert ls.run(parser.parse_args(argv)) == 0
+    printed = capsys.readouterr().out
+    sel = ls.LayerSelection.from_dict(json.loads(out.read_text()))
+    assert sel.n_texts == 12 and sel.template == ls.DOCUMENT_TEMPLATE and len(sel.ids) == 4
+    assert f"selected layers {sel.layers}" in printed and len(printed.splitlines()) == 2 + 4
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 1
+
+    ls.run(parser.parse_args(argv + ["--template", "none"]))
+    assert ls.LayerSelection.from_dict(json.loads(out.read_text())).template == RAW_TEMPLATE
+    assert len(list((tmp_path / "cache").glob("*.json"))) == 2
+
+    with pytest.raises(SystemExit, match="pass --corpus"):  # no corpus, and nothing shipped for these weights
+        ls.run(parser.parse_args(["--model", str(folder)]))
