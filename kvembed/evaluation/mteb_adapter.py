@@ -1,0 +1,84 @@
+"""kvembed as an mteb 2.x model: `KVEmbeddingMTEB(embedder)` runs under `mteb.evaluate` or a task's `evaluate`.
+
+mteb 2.x hands `encode` a torch DataLoader whose batches are dicts with a `"text"` list (for a corpus,
+mteb has already joined title and body into `"text"`), plus the task's metadata and a `prompt_type`:
+`PromptType.query` for retrieval/reranking queries, `PromptType.document` for their documents, `None`
+for symmetric tasks (STS, classification, clustering, pair classification). We map
+query -> prompt_name "query" and everything else -> "document", as SPEC §1 asks (symmetric tasks use the
+document template).
+
+`mteb_model_meta` must be a real `ModelMeta`: mteb 2.2x replaces a model without one by an empty meta
+(`no_model_name/available`), and may then try to load that name. Ours names the weights and the method,
+carries the embedder's fingerprint as the revision and the switches in `experiment_kwargs`, and sets
+cosine similarity (embeddings are compared by cosine everywhere in kvembed).
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+import numpy as np
+from mteb.models.abs_encoder import AbsEncoder
+from mteb.models.model_meta import ModelMeta, ScoringFunction
+from mteb.types import PromptType
+
+from .cache import CachedEncoder, EmbeddingCache
+
+
+def prompt_name_for(prompt_type) -> str:
+    """The kvembed prompt name for an mteb prompt_type (None = symmetric = document)."""
+    return "query" if prompt_type is not None and PromptType(prompt_type) == PromptType.query else "document"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "model"
+
+
+def build_model_meta(embedder, *, name: str | None = None, method: str | None = None,
+                     switches: dict | None = None) -> ModelMeta:
+    method = method or getattr(embedder, "method", None) or "kvembedding"
+    model_name = name or getattr(embedder, "model_name", None) or "default"
+    dim = embedder.get_embedding_dimension() if hasattr(embedder, "get_embedding_dimension") else None
+    return ModelMeta.create_empty(overwrites=dict(
+        # mteb wants "organization/model"; the method is part of the name so tables keep methods apart
+        name=f"kvembed/{_slug(model_name)}__{_slug(method)}",
+        revision=str(embedder.fingerprint)[:40],
+        embed_dim=dim,
+        framework=["PyTorch"],
+        similarity_fn_name=ScoringFunction.COSINE,
+        use_instructions=True,
+        open_weights=True,
+        languages=["eng-Latn"],
+        training_datasets=set(),
+        experiment_kwargs={"method": method, **{k: str(v) for k, v in (switches or {}).items()}},
+    ))
+
+
+class KVEmbeddingMTEB(AbsEncoder):
+    """An mteb encoder around a kvembed embedder (`KVEmbedder` or anything with the same encode/fingerprint).
+
+    Vectors go through `CachedEncoder`, so with a `cache` only texts never embedded by this
+    fingerprint and prompt are computed.
+    """
+
+    def __init__(self, embedder, *, cache: EmbeddingCache | None = None, batch_size: int = 32,
+                 show_progress_bar: bool = True, name: str | None = None, method: str | None = None,
+                 switches: dict | None = None):
+        self.model = embedder
+        self.encoder = CachedEncoder(embedder, cache, batch_size=batch_size, show_progress_bar=show_progress_bar)
+        self.mteb_model_meta = build_model_meta(embedder, name=name, method=method, switches=switches)
+        # prompt names seen per call, in order: (task name, split, prompt_name); tests and logs read it
+        self.calls: list[tuple[str, str, str]] = []
+
+    def encode(self, inputs, *, task_metadata, hf_split: str, hf_subset: str,
+               prompt_type: PromptType | None = None, **kwargs: Any) -> np.ndarray:
+        texts: list[str] = []
+        for batch in inputs:
+            if "text" not in batch:
+                raise ValueError(f"{task_metadata.name}: kvembed embeds text only; batch keys are {sorted(batch)}")
+            texts.extend(batch["text"])
+        prompt_name = prompt_name_for(prompt_type)
+        self.calls.append((task_metadata.name, hf_split, prompt_name))
+        short = task_metadata.name.removeprefix("kvembed-local-")
+        return self.encoder.encode(texts, prompt_name, desc=f"{short}/{hf_split}")

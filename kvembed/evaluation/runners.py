@@ -1,0 +1,165 @@
+"""Run methods over tasks: one mteb-scored result per (method, task), with timing and cache counts.
+
+`evaluate_task` builds the in-memory mteb task (mteb_tasks.py) and calls the task's own
+`evaluate`, so the score is mteb's. `run_table` loops over methods and tasks and returns a `Table`
+that report.py writes. Embedders are made by `make_embedder`: the encoder's methods through
+`KVEmbedder.from_pretrained`, plus the model-free `lexical_bow` floor.
+
+Splits: `test` is for reporting only. A task without the requested split (e.g. Banking77 or the
+clustering sets under `--split validation`) is skipped and says so; it never falls back to test.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from dataclasses import asdict, dataclass, field
+
+from .cache import EmbeddingCache
+from .mteb_adapter import KVEmbeddingMTEB
+from .mteb_tasks import build_task
+from .tasks import TaskSpec
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class TaskResult:
+    task: str
+    type: str
+    split: str
+    main_score: str
+    # None when the task was skipped (reason in `note`)
+    score: float | None
+    rows: int = 0
+    wall_s: float = 0.0
+    texts_encoded: int = 0
+    scores: dict = field(default_factory=dict)
+    note: str = ""
+
+
+@dataclass
+class MethodRun:
+    label: str
+    method: str
+    switches: dict
+    fingerprint: str
+    layers: str
+    results: list
+    wall_s: float = 0.0
+
+    def score(self, task: str) -> float | None:
+        return next((r.score for r in self.results if r.task == task), None)
+
+
+@dataclass
+class Table:
+    model: str
+    dtype: str
+    split: str
+    max_rows: int | None
+    seed: int
+    command: str
+    runs: list
+    wall_s: float = 0.0
+    kind: str = "eval"
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+
+def make_embedder(model: str | None, method: str, switches: dict | None = None, *, dtype: str = "float32",
+                  device: str = "cpu"):
+    """A kvembed embedder for (model, method, switches); `lexical_bow` needs no model."""
+    switches = dict(switches or {})
+    if method == "lexical_bow":
+        if switches:
+            raise ValueError(f"method 'lexical_bow' takes no switches, got {sorted(switches)}")
+        from .lexical import HashingBowEmbedder
+        return HashingBowEmbedder()
+    import torch
+
+    from kvembed.encoder import KVEmbedder
+    return KVEmbedder.from_pretrained(model, method=method, dtype=getattr(torch, dtype), device=device, **switches)
+
+
+def describe_layers(embedder) -> str:
+    """The re-routed layers as the embedder reports them ("n/a" for methods without re-routing)."""
+    for attr in ("selected_layers", "layers"):
+        value = getattr(embedder, attr, None)
+        if value is not None and not callable(value):
+            return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
+    return "n/a"
+
+
+def _clean(scores: dict) -> dict:
+    """Top-level numeric scores only (mteb also returns per-experiment lists), as plain floats."""
+    out = {}
+    for k, v in scores.items():
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            out[k] = float(v)
+        elif hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
+            out[k] = float(v.item())
+    return out
+
+
+def _rows(task) -> int:
+    """Rows of the scored split (pairs, texts, or queries)."""
+    split = task.metadata.eval_splits[0]
+    data = task.dataset
+    if "default" in data and isinstance(data["default"], dict):
+        return len(data["default"][split]["queries"])
+    ds = data[split]
+    return len(ds[0]["sentences"]) if "sentences" in ds.column_names else len(ds)
+
+
+def evaluate_task(adapter: KVEmbeddingMTEB, spec: TaskSpec, split: str = "test", *, max_rows: int | None = None,
+                  seed: int = 0) -> TaskResult:
+    """Score one task with mteb's protocol; `split` is the reported split (classification trains on train)."""
+    main = spec.mteb_main_score
+    if spec.type == "retrieval" and split != "test" or spec.type != "retrieval" and split not in spec.splits:
+        return TaskResult(spec.name, spec.type, split, main, None, note=f"no '{split}' split")
+    task = build_task(spec, split, max_rows, seed)
+    before = adapter.encoder.encoded
+    t0 = time.perf_counter()
+    scores = task.evaluate(adapter, split, encode_kwargs={"batch_size": adapter.encoder.batch_size,
+                                                          "show_progress_bar": False})["default"]
+    wall = time.perf_counter() - t0
+    score = float(scores[main])
+    if math.isnan(score):
+        log.warning("%s/%s: mteb returned NaN for %s", spec.name, split, main)
+    return TaskResult(spec.name, spec.type, split, main, score, rows=_rows(task), wall_s=round(wall, 3),
+                      texts_encoded=adapter.encoder.encoded - before, scores=_clean(scores))
+
+
+def run_method(embedder, specs: list[TaskSpec], *, split: str = "test", max_rows: int | None = None, seed: int = 0,
+               cache: EmbeddingCache | None = None, batch_size: int = 32, show_progress_bar: bool = True,
+               label: str | None = None, method: str | None = None, switches: dict | None = None,
+               model_name: str | None = None) -> MethodRun:
+    method = method or getattr(embedder, "method", "kvembedding")
+    adapter = KVEmbeddingMTEB(embedder, cache=cache, batch_size=batch_size, show_progress_bar=show_progress_bar,
+                              name=model_name, method=method, switches=switches)
+    t0 = time.perf_counter()
+    results = []
+    for spec in specs:
+        r = evaluate_task(adapter, spec, split, max_rows=max_rows, seed=seed)
+        shown = "skipped (" + r.note + ")" if r.score is None else f"{r.main_score}={r.score:.4f}"
+        log.info("%s %s/%s %s rows=%d encoded=%d %.1fs", label or method, spec.name, split, shown, r.rows,
+                 r.texts_encoded, r.wall_s)
+        results.append(r)
+    return MethodRun(label or method, method, dict(switches or {}), embedder.fingerprint, describe_layers(embedder),
+                     results, round(time.perf_counter() - t0, 3))
+
+
+def type_averages(run: MethodRun) -> dict:
+    """Mean main score per task type, then over all scored tasks ("avg")."""
+    by_type: dict[str, list[float]] = {}
+    for r in run.results:
+        if r.score is not None:
+            by_type.setdefault(r.type, []).append(r.score)
+    out = {t: sum(v) / len(v) for t, v in by_type.items()}
+    scored = [r.score for r in run.results if r.score is not None]
+    if scored:
+        out["avg"] = sum(scored) / len(scored)
+    return out
