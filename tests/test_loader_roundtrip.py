@@ -26,7 +26,7 @@ from weights_loader import checkpoint
 @pytest.fixture(autouse=True)
 def _private_cache(tmp_path, monkeypatch):
     # The fingerprint memo goes to a per-test cache, never the user's.
-    monkeypatch.setenv("KVEMBED_CACHE_DIR", str(tmp_path / "kvcache"))
+    monkeypatch.setenv("KVEMBED_CACHE", str(tmp_path / "kvcache"))
 
 
 def _hf_decoder_state(hf_model) -> dict[str, torch.Tensor]:

@@ -208,7 +208,9 @@ def diagnose_safetensors(path: str | os.PathLike) -> str | None:
                 return f"file is {size} bytes, too short to hold the 8-byte header length (truncated)"
             (n,) = struct.unpack("<Q", head)
             if 8 + n > size:
-                return f"header claims {n} bytes but the file has only {size - 8} after the length (truncated or garbage)"
+                return (
+                    f"header claims {n} bytes but the file has only {size - 8} after the length (truncated or garbage)"
+                )
             raw = fh.read(n)
     except OSError as e:
         return f"cannot read the file ({e})"
@@ -254,10 +256,8 @@ RACY_SECONDS = 2.0
 
 
 def cache_dir() -> Path:
-    """kvembed's user cache: $KVEMBED_CACHE_DIR, else $XDG_CACHE_HOME/kvembed, else ~/.cache/kvembed."""
-    if os.environ.get("KVEMBED_CACHE_DIR"):
-        return Path(os.environ["KVEMBED_CACHE_DIR"]).expanduser()
-    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache").expanduser() / "kvembed"
+    """kvembed's user cache, shared with default_model.py: $KVEMBED_CACHE, else ~/.cache/kvembed."""
+    return Path(os.environ.get("KVEMBED_CACHE") or "~/.cache/kvembed").expanduser()
 
 
 def _memo_path() -> Path:
@@ -306,6 +306,8 @@ def file_sha256(path: str | os.PathLike) -> str:
     digest = _hash_file(Path(real))
     if time.time() - max(st.st_mtime, st.st_ctime) > RACY_SECONDS:
         memo = _read_memo()  # re-read: another process may have added entries while we hashed
+        # Forget files that are gone (temporary checkpoints), so the memo stays small.
+        memo = {k: v for k, v in memo.items() if os.path.exists(k)}
         memo[real] = {"stamp": stamp, "sha256": digest}
         _write_memo(memo)
     return digest
@@ -314,7 +316,8 @@ def file_sha256(path: str | os.PathLike) -> str:
 def model_files(folder: str | os.PathLike) -> list[Path]:
     """The files whose bytes decide the loaded model: config, index, weights, tokenizer (those present)."""
     folder = Path(folder)
-    files = [folder / CONFIG_FILE, folder / INDEX_FILE, *sorted(set(weight_map(folder).values())), folder / TOKENIZER_FILE]
+    weights = sorted(set(weight_map(folder).values()))
+    files = [folder / CONFIG_FILE, folder / INDEX_FILE, *weights, folder / TOKENIZER_FILE]
     return [p for p in dict.fromkeys(files) if p.is_file()]
 
 

@@ -74,7 +74,9 @@ def load_model(
     `cache_dir` overrides the hub cache location (default: $HF_HUB_CACHE, $HF_HOME/hub, huggingface_hub's own).
     """
     if dtype not in FLOAT_DTYPES:
-        raise ValueError(f"load_model: dtype={dtype!r} is not supported; use torch.float32, torch.bfloat16 or torch.float16")
+        raise ValueError(
+            f"load_model: dtype={dtype!r} is not supported; use torch.float32, torch.bfloat16 or torch.float16"
+        )
     if name_or_path is None:
         from .default_model import default_model_path  # lazy: fetching the default model is its own module
 
@@ -93,9 +95,9 @@ def load_model(
     else:
         config = read_config(path)
         config_where = str(path / CONFIG_FILE)
-        sources = weight_map(path)
         # Parse the config before reading gigabytes of weights, so a bad config fails fast.
         _model_args(config, config_where)
+        sources = weight_map(path)
         state = read_safetensors(path, dtype)
         tokenizer = read_tokenizer(path)
         fp = fingerprint(model_files(path), path)
@@ -110,7 +112,11 @@ def _model_args(config: dict, where: str) -> ModelArgs:
     try:
         return ModelArgs.from_hf_config(config)
     except ConfigError as e:
-        raise InvalidConfigError(f"{where}: {e}. Fix the file or re-download the model") from e
+        # ConfigError messages start with "config.json"; put the full path in its place.
+        text = str(e)
+        rest = text.removeprefix("config.json")
+        text = f"{where}{rest}" if rest != text else f"{where}: {text}"
+        raise InvalidConfigError(f"{text}. Fix the file or re-download the model") from e
 
 
 def map_key(key: str) -> str | None:
