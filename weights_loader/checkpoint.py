@@ -147,11 +147,11 @@ def read_safetensors(folder: str | os.PathLike, dtype: torch.dtype | None = None
                         f"({len(extra)} such keys); the index and the shards disagree: re-download the model"
                     )
             for key in keys:
-                state[key] = _cast(_get(f, path, key), dtype, path, key)
+                state[key] = cast_weight(_get(f, path, key), dtype, path, key)
     return state
 
 
-def _cast(t: torch.Tensor, dtype: torch.dtype | None, path: Path, key: str) -> torch.Tensor:
+def cast_weight(t: torch.Tensor, dtype: torch.dtype | None, path: Path, key: str) -> torch.Tensor:
     if t.dtype not in FLOAT_DTYPES:
         raise CheckpointMismatchError(
             f"{path}: tensor {key!r} is stored as {t.dtype}; kvembed loads float32/bfloat16/float16 weights "

@@ -24,6 +24,7 @@ from kvembed.model import Decoder
 from .checkpoint import (
     CONFIG_FILE,
     FLOAT_DTYPES,
+    cast_weight,
     fingerprint,
     model_files,
     read_config,
@@ -88,7 +89,7 @@ def load_model(
         from .gguf_reader import load_gguf
 
         config, state, tokenizer = load_gguf(path)
-        state = {k: v.to(dtype) for k, v in state.items()}
+        state = {k: cast_weight(v, dtype, path, k) for k, v in state.items()}
         sources = dict.fromkeys(state, path)
         config_where = f"{path} (GGUF metadata)"
         fp = fingerprint([path], path.parent)
