@@ -235,3 +235,49 @@ def kv_embed(
     plan = ReRouting(frozenset(layers), float(bias), rope_mode, batch.last, captured) if layers else None
     out = model(batch.input_ids, batch.attention_mask, intervention=plan)
     return pool(out.hidden, batch.attention_mask, pooling, normalize)
+
+
+# --------------------------------------------------------------------------- as a named method
+
+
+class KVEmbedding:
+    """The method as the encoder sees it: texts -> token views (`prepare`), padded views -> vectors (`embed`).
+
+    Every method (baselines.py too) has this shape, so all of them share one batcher, one decoder and one
+    set of kernels. `layers` must already be resolved to indices ("auto" is resolved by the encoder).
+    """
+
+    name = "kvembedding"
+
+    def __init__(self, layers=(), *, bias: float = 1.0, rope_mode: str = "rotated", passes: int = 1,
+                 pooling: str = "hybrid", normalize: bool = True, template: str | None = None,
+                 query_template: str | None = None):
+        if rope_mode not in ROPE_MODES:
+            raise ValueError(f"rope_mode={rope_mode!r}: choose one of {', '.join(ROPE_MODES)}")
+        if passes not in (1, 2):
+            raise ValueError(f"passes={passes!r}: choose 1 (same-layer) or 2 (capture, then inject)")
+        if pooling not in POOLINGS:
+            raise ValueError(f"pooling={pooling!r}: choose one of {', '.join(POOLINGS)}")
+        self.layers = tuple(layers)
+        self.bias, self.rope_mode, self.passes = float(bias), rope_mode, passes
+        self.pooling, self.normalize = pooling, normalize
+        # template "none" means the raw text, for documents and queries alike.
+        if template == "none":
+            template = query_template = RAW_TEMPLATE
+        self.template = check_template(template or DOCUMENT_TEMPLATE)
+        self.query_template = check_template(query_template or (template or QUERY_TEMPLATE))
+
+    def config(self) -> dict:
+        """Everything that changes the output: goes into the embedder's fingerprint and the golden files."""
+        return dict(method=self.name, layers=list(self.layers), bias=self.bias, rope_mode=self.rope_mode,
+                    passes=self.passes, pooling=self.pooling, normalize=self.normalize,
+                    template=self.template, query_template=self.query_template)
+
+    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
+        template = self.query_template if prompt_name == "query" else self.template
+        return [encode_text(tokenizer, text, template, max_length)]
+
+    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn) -> Tensor:
+        batch = collate_fn([v[0].ids for v in views])
+        return kv_embed(model, batch, self.layers, bias=self.bias, rope_mode=self.rope_mode,
+                        passes=self.passes, pooling=self.pooling, normalize=self.normalize)
