@@ -22,6 +22,7 @@ import json
 import os
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -32,6 +33,11 @@ from kvembed.scale.inputs import read_rows, scan_jsonl
 from kvembed.scale.manifest import FORMAT, assemble, check_or_claim, load_corpus_embeddings, run_key
 from kvembed.scale.parts import finished_record, json_bytes, n_parts, part_range, remove_stale_tmp, write_part
 from kvembed.scale.progress import Progress, fmt_seconds
+
+try:
+    from kvembed.encoder import TruncationWarning
+except ImportError:  # the encoder is optional for the sharding logic (tests use a fake embedder)
+    TruncationWarning = UserWarning
 
 __all__ = ["embed_corpus", "load_corpus_embeddings", "add_arguments", "run", "main"]
 
@@ -90,16 +96,21 @@ def text_lengths(embedder, texts: list[str]) -> np.ndarray:
     return np.array([len(t) for t in texts], dtype=np.int64)
 
 
-def embed_part(embedder, texts: list[str], *, batch_size: int, prompt_name: str, on_batch=None) -> np.ndarray:
-    """float32 (len(texts), dim) in the order of `texts`. Batches are cut from the part's texts sorted by
+def embed_part(embedder, texts: list[str], *, batch_size: int, prompt_name: str,
+               on_batch=None) -> tuple[np.ndarray, int]:
+    """(float32 (len(texts), dim) in the order of `texts`, number of texts cut to max_length). Batches are cut from the part's texts sorted by
     length (longest first, so an out-of-memory shows at once), ties in input order: a pure function of
     the part, whichever rank runs it."""
     order = np.argsort(-text_lengths(embedder, texts), kind="stable")
-    out = None
+    out, truncated = None, 0
     for s in range(0, len(texts), batch_size):
         idx = order[s : s + batch_size]
-        emb = embedder.encode([texts[i] for i in idx], prompt_name=prompt_name, batch_size=len(idx),
-                              show_progress_bar=False, convert_to_numpy=True)
+        with warnings.catch_warnings():
+            # One warning per batch would bury the progress lines: cut texts are counted instead.
+            warnings.simplefilter("ignore", TruncationWarning)
+            emb = embedder.encode([texts[i] for i in idx], prompt_name=prompt_name, batch_size=len(idx),
+                                  show_progress_bar=False, convert_to_numpy=True)
+        truncated += len(getattr(embedder, "last_truncated", ()))
         emb = np.asarray(emb, dtype=np.float32)
         if emb.ndim != 2 or emb.shape[0] != len(idx):
             raise RuntimeError(f"encoder returned shape {emb.shape} for a batch of {len(idx)} texts")
@@ -108,7 +119,7 @@ def embed_part(embedder, texts: list[str], *, batch_size: int, prompt_name: str,
         out[idx] = emb  # back to input order
         if on_batch is not None:
             on_batch(len(idx))
-    return out
+    return out, truncated
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -187,8 +198,9 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
     for k in todo:
         start, end = part_range(k, part_size, n_rows)
         ids, texts = read_rows(index, start, end)
-        matrix = embed_part(embedder, texts, batch_size=batch_size, prompt_name=prompt_name, on_batch=progress.advance)
-        write_part(outdir, k, start, ids, matrix, key)
+        matrix, cut = embed_part(embedder, texts, batch_size=batch_size, prompt_name=prompt_name,
+                                 on_batch=progress.advance)
+        write_part(outdir, k, start, ids, matrix, key, truncated=cut)
         if rank == 0:
             seen[k] = end - start
     embed_s = time.monotonic() - t_setup
@@ -209,14 +221,13 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
     already = (not any(r["parts_computed"] for r in ranks) and manifest_path.is_file()
                and json.loads(manifest_path.read_text(encoding="utf-8")).get("run_key") == key
                and (outdir / "embeddings.npy").is_file() and (outdir / "ids.json").is_file())
-    if not already:
-        assemble(outdir, config, n_rows)
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if already else assemble(outdir, config, n_rows)
     computed = sum(r["rows_computed"] for r in ranks)
     summary = {
         "rows": n_rows, "parts": total_parts, "world_size": world_size,
         "parts_computed": sum(r["parts_computed"] for r in ranks),
         "parts_skipped": sum(r["parts_skipped"] for r in ranks),
-        "rows_computed": computed, "skipped_lines": len(index.skipped),
+        "rows_computed": computed, "skipped_lines": len(index.skipped), "truncated": manifest["truncated"],
         "setup_seconds": round(t_setup - t0, 3), "embed_seconds": round(wall_embed, 3),
         "assemble_seconds": round(time.monotonic() - t_asm, 3),
         "texts_per_s": round(computed / wall_embed, 2) if wall_embed > 0 else 0.0,
@@ -224,7 +235,8 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
     }
     (outdir / "summary.json").write_bytes(json_bytes(summary))  # a log of the last run, not output
     say(f"[done] {n_rows} rows, dim {config['dim']}: computed {summary['parts_computed']} parts "
-        f"({computed} rows), reused {summary['parts_skipped']}, skipped {len(index.skipped)} bad lines; "
+        f"({computed} rows), reused {summary['parts_skipped']}, skipped {len(index.skipped)} bad lines, "
+        f"{manifest['truncated']} texts cut to max_length; "
         f"{summary['texts_per_s']} texts/s over {world_size} rank(s) in {fmt_seconds(wall_embed)} -> {outdir}")
     for r in ranks:
         say(f"[done]   rank {r['rank']}: {r['parts_computed']} parts, {r['rows_computed']} rows, "
@@ -260,6 +272,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     sw.add_argument("--pooling", choices=["hybrid", "mean", "last"], default=None)
     sw.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
     sw.add_argument("--template", default=None, help="prompt with one {text} slot, or 'none'")
+    parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's context)")
+    parser.add_argument("--id-corpus", default=None, help="texts for --layers auto on a model without a shipped selection")
     parser.add_argument("--prompt-name", choices=["document", "query"], default="document")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--part-size", type=int, default=10000, help="rows per output part (default 10000)")
@@ -279,8 +293,9 @@ def run(args) -> int:
     switches = {k: getattr(args, k) for k in SWITCHES if getattr(args, k, None) is not None}
     rank, world, device = launch_context(args.device)
     try:
+        extra = {k: getattr(args, k) for k in ("max_length", "id_corpus") if getattr(args, k, None) is not None}
         embedder = KVEmbedder.from_pretrained(args.model, method=args.method, dtype=DTYPES[args.dtype],
-                                              device=device, **switches)
+                                              device=device, **extra, **switches)
         embed_corpus(args.input, args.outdir, embedder, method={"model": args.model, "method": args.method,
                      "switches": switches}, dtype=args.dtype, prompt_name=args.prompt_name,
                      part_size=args.part_size, batch_size=args.batch_size, id_field=args.id_field,

@@ -40,6 +40,7 @@ class FakeEmbedder:
         if self.crash_after is not None and len(self.calls) >= self.crash_after:
             raise KeyboardInterrupt("simulated kill")
         self.calls.append(list(texts))
+        self.last_truncated = [i for i, t in enumerate(texts) if len(t) > 35]  # as KVEmbedder reports cut texts
         return np.stack([vec(t) for t in texts])
 
     def encoded(self) -> list[str]:
@@ -85,6 +86,7 @@ def test_output_identical_for_any_world_size_and_in_input_order(tmp_path):
     manifest = json.loads((tmp_path / "w3" / "manifest.json").read_text())
     assert [(p["start"], p["end"]) for p in manifest["parts"]] == [(k * 10, min(k * 10 + 10, 103)) for k in range(11)]
     assert manifest["count"] == 103 and manifest["fingerprint"] == "fake-model/v1"
+    assert manifest["truncated"] == sum(len(r["text"]) > 35 for r in rows) > 0  # the fake's cut-off
 
 
 def test_ranks_take_parts_round_robin(tmp_path):
@@ -99,7 +101,8 @@ def test_ranks_take_parts_round_robin(tmp_path):
 def test_batches_are_length_sorted_within_one_part(tmp_path):
     emb = FakeEmbedder()
     texts = ["a", "bbbbbb", "cc", "dddd", "ee", "f", "ggggg"]
-    out = embed_part(emb, texts, batch_size=3, prompt_name="document")
+    out, cut = embed_part(emb, texts, batch_size=3, prompt_name="document")
+    assert cut == 0
     np.testing.assert_array_equal(out, np.stack([vec(t) for t in texts]))
     # longest first; equal lengths keep input order ("cc" before "ee", "a" before "f")
     assert emb.calls == [["bbbbbb", "ggggg", "dddd"], ["cc", "ee", "a"], ["f"]]

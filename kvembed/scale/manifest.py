@@ -93,6 +93,7 @@ def assemble(outdir: Path, config: dict, n_rows: int) -> dict:
         complete=True,
         count=n_rows,
         dtype="float32",
+        truncated=sum(r.get("truncated", 0) for r in records),
         run_key=key,
         parts=records,
         embeddings={"file": "embeddings.npy", "shape": [n_rows, dim], "sha256": emb_sha},

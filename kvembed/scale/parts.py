@@ -81,8 +81,10 @@ def remove_stale_tmp(outdir: Path) -> list[str]:
     return removed
 
 
-def write_part(outdir: Path, k: int, start: int, ids: list, matrix: np.ndarray, run_key: str) -> dict:
-    """Commit part k (rows [start, start + len(ids))) and return its record."""
+def write_part(outdir: Path, k: int, start: int, ids: list, matrix: np.ndarray, run_key: str, *,
+               truncated: int = 0) -> dict:
+    """Commit part k (rows [start, start + len(ids))) and return its record. `truncated`: how many of its
+    texts were cut to the model's max_length (the text is cut, never the instruction)."""
     if matrix.ndim != 2 or matrix.shape[0] != len(ids):
         raise ValueError(f"part {k}: embeddings of shape {tuple(matrix.shape)} for {len(ids)} ids")
     stem = part_stem(k)
@@ -97,6 +99,7 @@ def write_part(outdir: Path, k: int, start: int, ids: list, matrix: np.ndarray, 
         "ids_file": f"{stem}.ids.json",
         "ids_sha256": sha256_bytes(ids_data),
         "run_key": run_key,
+        "truncated": int(truncated),
     }
     atomic_write(outdir / record["file"], npy)
     atomic_write(outdir / record["ids_file"], ids_data)
