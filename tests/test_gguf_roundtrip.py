@@ -217,7 +217,7 @@ def test_gguf_gpt2_tokenizer(tmp_path, add_bos):
 
 def test_gguf_tokenizers_match_transformers(tmp_path):
     """Both tokenizer kinds against transformers' own GGUF tokenizer conversion."""
-    transformers = pytest.importorskip("transformers")
+    import transformers  # a test dependency (pyproject [test]): the oracle
     write_gguf(tmp_path / "gpt2.gguf", "llama", Q.F32, add_bos=True)
     write_sentencepiece_gguf(tmp_path / "spm.gguf")
     texts = ["Hello world", " leading space", "a  b   c", "abc\nabd\tx", "ünïcödé 你好 🙂", "<s>abc</s>", ""]
