@@ -190,7 +190,10 @@ def run(args, *, make=None) -> int:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="kvembed eval", description=__doc__.split("\n")[0])
     add_arguments(parser)
-    return run(parser.parse_args(argv))
+    args = parser.parse_args(argv)
+    if argv is not None:
+        args.command = shlex.join(["kvembed", "eval", *argv])
+    return run(args)
 
 
 if __name__ == "__main__":

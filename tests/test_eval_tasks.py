@@ -1,0 +1,135 @@
+"""The data pack loads as announced; seeded subsets; a tiny end-to-end eval and CLI run on real data.
+
+The end-to-end runs use the hashed bag-of-words embedder (no model) on a few rows, so they check the
+whole pipeline (loader -> mteb task -> adapter -> cache -> report) in seconds. Banking77 is left out
+of them only for time (its 77 labels make mteb fit 10 logistic regressions on ~4800 train texts), and
+BBC classification because AmazonCounterfactual already covers the type.
+"""
+
+import json
+
+import pytest
+
+from kvembed.evaluation import cli_eval
+from kvembed.evaluation.lexical import HashingBowEmbedder
+from kvembed.evaluation.mteb_tasks import build_task
+from kvembed.evaluation.runners import _rows, run_method, type_averages
+from kvembed.evaluation.tasks import (TASK_TYPES, TaskDataError, default_data_dir, list_tasks, load_retrieval,
+                                      load_split, sample_indices, select_tasks)
+
+DATA = default_data_dir()
+CHEAP = "stsb,amazon_counterfactual_en,bbc_news_clustering,brown_genres,mrpc,trecqa,cranfield"
+
+
+def test_data_pack_is_present():
+    assert DATA.is_dir(), f"{DATA}: the evaluation data pack is missing; set $KVEMBED_DATA"
+    names = {s.name for s in list_tasks(DATA)}
+    assert names == {"stsb", "banking77", "amazon_counterfactual_en", "mrpc", "trecqa", "cranfield",
+                     "bbc_news_clustering", "bbc_news_classification", "brown_genres"}
+    assert {s.type for s in list_tasks(DATA)} == set(TASK_TYPES)
+
+
+@pytest.mark.parametrize("spec", list_tasks(DATA), ids=lambda s: s.name)
+def test_every_split_loads_with_task_json_counts(spec):
+    meta = json.loads((spec.path / "task.json").read_text())
+    if spec.type == "retrieval":
+        corpus, queries, qrels = load_retrieval(spec)
+        assert (len(corpus), len(queries), len(qrels)) == (meta["corpus_size"], meta["splits"]["test"], meta["qrels"])
+        return
+    for split, n in spec.splits.items():
+        rows = load_split(spec, split)
+        assert len(rows) == n, f"{spec.name}/{split}"
+        keys = {"sts": {"sentence1", "sentence2", "score"}, "pair_classification": {"sentence1", "sentence2", "label"},
+                "classification": {"text", "label"}, "clustering": {"text", "label"},
+                "reranking": {"query", "positive", "negative"}}[spec.type]
+        assert keys <= set(rows[0])
+
+
+@pytest.mark.parametrize("spec", list_tasks(DATA), ids=lambda s: s.name)
+def test_mteb_task_holds_every_scored_row(spec):
+    split = "test"
+    task = build_task(spec, split)
+    assert _rows(task) == spec.splits[split]
+    assert task.metadata.main_score == spec.mteb_main_score
+
+
+def test_max_rows_is_a_seeded_sample_in_file_order():
+    a = sample_indices(100, 10, seed=0)
+    assert a == sample_indices(100, 10, seed=0) and a == sorted(a) and len(set(a)) == 10
+    assert a != sample_indices(100, 10, seed=1)
+    assert sample_indices(5, 10) == list(range(5)) and sample_indices(5, None) == list(range(5))
+    with pytest.raises(TaskDataError, match="positive"):
+        sample_indices(5, 0)
+    stsb = select_tasks("stsb", DATA)[0]
+    full = load_split(stsb, "test")
+    sub = load_split(stsb, "test", max_rows=7, seed=3)
+    assert sub == [full[i] for i in sample_indices(len(full), 7, seed=3)]
+
+
+def test_retrieval_subset_keeps_whole_corpus_and_only_its_qrels():
+    cran = select_tasks("cranfield", DATA)[0]
+    corpus, queries, qrels = load_retrieval(cran, max_rows=5)
+    assert len(corpus) == 1398 and len(queries) == 5
+    assert {r["query_id"] for r in qrels} == {q["id"] for q in queries}
+
+
+def test_task_selection_by_name_and_type_and_errors():
+    assert [s.name for s in select_tasks("sts,trecqa", DATA)] == ["stsb", "trecqa"]
+    assert {s.name for s in select_tasks("clustering", DATA)} == {"bbc_news_clustering", "brown_genres"}
+    with pytest.raises(TaskDataError, match="unknown task 'nope'.*stsb"):
+        select_tasks("nope", DATA)
+    with pytest.raises(TaskDataError, match="no split 'validation'"):
+        load_split(select_tasks("banking77", DATA)[0], "validation")
+
+
+def test_tiny_end_to_end_eval_every_type():
+    specs = select_tasks(CHEAP, DATA)
+    run = run_method(HashingBowEmbedder(), specs, max_rows=12, show_progress_bar=False)
+    by_task = {r.task: r for r in run.results}
+    assert set(by_task) == set(CHEAP.split(","))
+    for r in run.results:
+        assert 0.0 <= r.score <= 1.0 or r.type == "sts" and -1.0 <= r.score <= 1.0, r
+        assert r.rows == 12 and r.texts_encoded > 0
+    # a bag of words matches Cranfield's vocabulary-heavy queries well above chance (~0.01)
+    assert by_task["cranfield"].score > 0.05
+    assert set(type_averages(run)) == set(TASK_TYPES) | {"avg"}
+
+
+def test_validation_split_skips_tasks_without_one_instead_of_using_test():
+    specs = select_tasks("stsb,brown_genres,cranfield", DATA)
+    run = run_method(HashingBowEmbedder(), specs, split="validation", max_rows=10, show_progress_bar=False)
+    by_task = {r.task: r for r in run.results}
+    assert by_task["stsb"].score is not None and by_task["stsb"].split == "validation"
+    assert by_task["brown_genres"].score is None and "no 'validation' split" in by_task["brown_genres"].note
+    assert by_task["cranfield"].score is None and by_task["cranfield"].texts_encoded == 0
+
+
+def test_cli_writes_table_and_json(tmp_path, capsys):
+    rc = cli_eval.main(["--methods", "lexical_bow", "--tasks", "stsb,mrpc,trecqa", "--max-rows", "10",
+                        "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert rc == 0
+    md = (tmp_path / "eval.md").read_text()
+    assert "| lexical_bow | n/a |" in md and "max-rows: 10" in md and "kvembed eval --methods lexical_bow" in md
+    data = json.loads((tmp_path / "eval.json").read_text())
+    assert data["split"] == "test" and data["max_rows"] == 10
+    [run] = data["runs"]
+    assert [r["task"] for r in run["results"]] == ["stsb", "mrpc", "trecqa"]
+    assert all(isinstance(r["score"], float) for r in run["results"])
+    assert set(data["averages"]["lexical_bow"]) == {"sts", "pair_classification", "reranking", "avg"}
+
+
+def test_cli_parses_switches_and_method_specs():
+    assert cli_eval.parse_layers("3,4,5") == [3, 4, 5] == cli_eval.parse_layers("3-5") == cli_eval.parse_layers("3+4+5")
+    assert cli_eval.parse_layers("auto") == "auto"
+    assert cli_eval.parse_method("kvembedding:bias=2:layers=10-12:rope-mode=position0") == (
+        "kvembedding", {"bias": 2.0, "layers": [10, 11, 12], "rope_mode": "position0"})
+    with pytest.raises(Exception, match="key=value"):
+        cli_eval.parse_method("kvembedding:colour=blue")
+    import argparse
+
+    p = argparse.ArgumentParser()
+    cli_eval.add_arguments(p)
+    args = p.parse_args(["--methods", "kvembedding,mean", "--bias", "0.5", "--no-normalize", "--layers", "none"])
+    assert cli_eval.method_list(args) == [
+        ("kvembedding", "kvembedding", {"layers": "none", "bias": 0.5, "normalize": False}),
+        ("mean", "mean", {"layers": "none", "bias": 0.5, "normalize": False})]
