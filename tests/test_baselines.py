@@ -1,0 +1,327 @@
+"""The baselines of SPEC §2: each one checked for what makes it itself, against a manual computation.
+
+Manual sides call the Decoder (or its blocks, for token prepending) one text at a time with no padding, and
+pool by hand. Tolerance 1e-5 (absolute, on unit-norm or O(1) vectors): both sides are fp32 and differ only in
+padding and summation order, which moves the last bits of fp32 (~6e-8 relative) through 4 tiny layers; a real
+error (a wrong token, span, layer or mask) moves values by 1e-2 or more on these random weights.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kvembed.baselines import (BASELINES, ECHO_DOCUMENT_TEMPLATE, ECHO_QUERY_TEMPLATE, METAEOL_TEMPLATES,
+                               PROMPTEOL_TEMPLATE, TP_TEMPLATE, Bidirectional, Echo, MetaEOL, TokenPrepending,
+                               last_copy_span)
+from kvembed.method import DOCUMENT_TEMPLATE, QUERY_TEMPLATE, collate, encode_text, fill
+from tests import tiny
+from tests.test_model_parity import ours_from_hf
+
+TOL = 1e-5
+TEXTS = ["The quick brown fox jumps over the lazy dog.", "a cat sat", "Numbers 0123456789 and symbols !@#",
+         "where is the station?"]
+
+
+@pytest.fixture(scope="module")
+def models():
+    """Tiny random decoders by family, each built once per module."""
+    cache = {}
+
+    def get(family):
+        if family not in cache:
+            cache[family] = ours_from_hf(tiny.hf_model(family))
+        return cache[family]
+
+    return get
+
+
+@pytest.fixture(scope="module")
+def model(models):
+    return models("llama")
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return tiny.make_tokenizer()
+
+
+def run(method, model, tok, texts, prompt_name=None, max_length=None):
+    views = [method.prepare(tok, t, prompt_name, max_length) for t in texts]
+    with torch.no_grad():
+        return method.embed(model, views, collate), views
+
+
+def hidden_alone(model, ids, **kw):
+    """Final-norm states (T, C) of one unpadded row."""
+    ids_t = torch.tensor([ids])
+    with torch.no_grad():
+        return model(ids_t, torch.ones_like(ids_t), **kw).hidden[0]
+
+
+def close(a, b):
+    return (a - b).abs().max().item() < TOL
+
+
+# ------------------------------------------------------------------------------------ registry
+
+
+def test_registry_names_and_configs():
+    assert set(BASELINES) == {"mean", "last", "prompteol", "metaeol", "echo", "token_prepending", "bidirectional"}
+    for name, cls in BASELINES.items():
+        m = cls()
+        assert m.name == name
+        cfg = m.config()
+        assert cfg["method"] == name and json.loads(json.dumps(cfg)) == cfg  # goes into fingerprints as JSON
+        assert m.normalize is True  # L2 on by default, as KV-Embedding
+
+
+def test_switches_change_config_and_bad_switches_raise():
+    assert BASELINES["mean"](pooling="last").config() != BASELINES["mean"]().config()
+    assert TokenPrepending(k=2).config()["k"] == 2
+    with pytest.raises(TypeError):
+        BASELINES["prompteol"](bias=1.0)  # a KV-Embedding switch is not silently ignored
+    with pytest.raises(ValueError, match="pooling"):
+        BASELINES["last"](pooling="max")
+    with pytest.raises(ValueError, match="pooling"):
+        Echo(pooling="hybrid")
+    with pytest.raises(ValueError, match="twice"):
+        Echo(template="Document:{text}")
+    with pytest.raises(ValueError, match="<PST>"):
+        TokenPrepending(template=PROMPTEOL_TEMPLATE)
+    with pytest.raises(ValueError, match="k"):
+        TokenPrepending(k=0)
+
+
+def test_echo_rejects_a_per_call_template_with_one_copy(tok):
+    m = Echo()
+    m.template = "Document:{text}"  # what the encoder's prompt= does to a copy of the method
+    with pytest.raises(ValueError, match="twice"):
+        m.prepare(tok, "a cat", None, None)
+
+
+# ---------------------------------------------------------------------- mean / last / prompteol
+
+
+@pytest.mark.parametrize("name,template,pooling", [("mean", "{text}", "mean"), ("last", "{text}", "last"),
+                                                   ("prompteol", PROMPTEOL_TEMPLATE, "last")])
+def test_single_prompt_pooling(model, tok, name, template, pooling):
+    m = BASELINES[name]()
+    assert m.template == template and m.pooling == pooling
+    e, views = run(m, model, tok, TEXTS[:2])
+    for i, text in enumerate(TEXTS[:2]):
+        ids = tok.encode(fill(template, text), add_special_tokens=True).ids
+        assert views[i][0].ids == ids
+        h = hidden_alone(model, ids)
+        want = h.mean(0) if pooling == "mean" else h[-1]
+        assert close(e[i], F.normalize(want, dim=-1))
+    # The pooling really differs between mean and last on this model.
+    assert not close(run(BASELINES["mean"](), model, tok, TEXTS[:1])[0], run(BASELINES["last"](), model, tok, TEXTS[:1])[0])
+
+
+def test_prompteol_template_and_normalize_off(model, tok):
+    assert PROMPTEOL_TEMPLATE == 'This sentence : "{text}" means in one word:"'
+    e, views = run(BASELINES["prompteol"](normalize=False), model, tok, [TEXTS[1]])
+    assert views[0][0].prompt == 'This sentence : "a cat sat" means in one word:"'
+    assert close(e[0], hidden_alone(model, views[0][0].ids)[-1])
+    assert abs(e[0].norm().item() - 1) > 1e-3
+
+
+# ------------------------------------------------------------------------------------- metaeol
+
+
+def test_metaeol_prompts():
+    assert len(METAEOL_TEMPLATES) == 8 and len(set(METAEOL_TEMPLATES)) == 8
+    for t in METAEOL_TEMPLATES:
+        assert t.count("{text}") == 1 and t.startswith("In this task, you're") and t.endswith('in one word:"')
+        assert 'this sentence : "{text}"' in t
+
+
+def test_metaeol_averages_eight_final_tokens(model, tok):
+    m = MetaEOL()
+    e, views = run(m, model, tok, TEXTS[1:3])  # batched: 2 texts x 8 prompts in one padded batch
+    for i, text in enumerate(TEXTS[1:2]):
+        assert len(views[i]) == 8 and len({tuple(v.ids) for v in views[i]}) == 8
+        finals = []
+        for t, v in zip(METAEOL_TEMPLATES, views[i]):
+            assert v.prompt == fill(t, text)
+            finals.append(hidden_alone(model, v.ids)[-1])
+        assert close(e[i], F.normalize(torch.stack(finals).mean(0), dim=-1))
+        # Not just one of the prompts: the average differs from each single final token.
+        assert all(not close(e[i], F.normalize(f, dim=-1)) for f in finals)
+
+
+def test_metaeol_truncates_every_view(tok):
+    # The tiny tokenizer spends about one token per character: the prompts alone are ~250-330 tokens.
+    views = MetaEOL().prepare(tok, " ".join(TEXTS * 20), None, 400)
+    assert all(v.truncated and len(v.ids) <= 400 and v.prompt.endswith('in one word:"') for v in views)
+
+
+# ------------------------------------------------------------------------------------------ echo
+
+
+def test_echo_templates_follow_prompt_name(tok):
+    m = Echo()
+    assert (m.template, m.query_template) == (ECHO_DOCUMENT_TEMPLATE, ECHO_QUERY_TEMPLATE)
+    assert m.prepare(tok, "a cat", "query", None)[0].prompt == "Query:a cat\nQuery again:a cat"
+    for name in (None, "document"):
+        assert m.prepare(tok, "a cat", name, None)[0].prompt == "Document:a cat\nDocument again:a cat"
+
+
+@pytest.mark.parametrize("text", TEXTS)
+def test_echo_span_is_the_second_copy(tok, text):
+    v = Echo().prepare(tok, text, None, None)[0]
+    a, b = v.span
+    assert b == len(v.ids)  # the template ends with the second copy
+    assert tok.decode(v.ids[a:b]) == text  # exactly the text's tokens (the tiny BPE never merges across ':')
+    # ... and the tokens before it end with "again:", so the first copy is not in the span.
+    assert tok.decode(v.ids[:a]).endswith("Document again:")
+
+
+def test_echo_span_after_truncation_is_the_cut_text(tok):
+    text = " ".join(TEXTS * 10)
+    v = Echo().prepare(tok, text, None, 60)[0]
+    assert v.truncated and len(v.ids) <= 60
+    first, second = v.prompt.removeprefix("Document:").split("\nDocument again:")
+    assert first == second and text.startswith(first) and len(first) < len(text)  # both copies cut equally
+    a, b = v.span
+    assert tok.decode(v.ids[a:b]) == second
+
+
+def test_echo_span_takes_a_token_that_straddles_the_seam():
+    enc = encode_text(tiny.make_tokenizer(), "x", "A:{text}\nB:{text}", None)
+    # A fake tokenization where ':' and the text merged into one token at the second seam.
+    enc.offsets = [(0, 0), (0, 2), (2, 3), (3, 4), (4, 5), (5, 7)]  # <s> "A:" "x" "\n" "B" ":x"
+    enc.ids = list(range(6))
+    assert last_copy_span(enc, "A:{text}\nB:{text}") == (5, 6)
+
+
+def test_echo_empty_text_pools_the_final_token(model, tok):
+    m = Echo(normalize=False)
+    e, views = run(m, model, tok, [""])
+    assert views[0][0].span == (len(views[0][0].ids) - 1, len(views[0][0].ids))
+    assert close(e[0], hidden_alone(model, views[0][0].ids)[-1])
+
+
+@pytest.mark.parametrize("pooling", ["mean", "last"])
+def test_echo_pools_exactly_the_span_rows(model, tok, pooling):
+    e, views = run(Echo(pooling=pooling), model, tok, TEXTS[:3])
+    for i in range(3):
+        v = views[i][0]
+        a, b = v.span
+        h = hidden_alone(model, v.ids)
+        want = h[a:b].mean(0) if pooling == "mean" else h[b - 1]
+        assert close(e[i], F.normalize(want, dim=-1))
+        if pooling == "mean":  # one row more or fewer is a different vector
+            assert not close(e[i], F.normalize(h[a - 1:b].mean(0), dim=-1))
+            assert not close(e[i], F.normalize(h[a + 1:b].mean(0), dim=-1))
+
+
+# --------------------------------------------------------------------------------- bidirectional
+
+
+def test_bidirectional_sees_future_tokens(model, tok):
+    ids = tok.encode(fill(DOCUMENT_TEMPLATE, "a cat sat"), add_special_tokens=True).ids
+    other = ids[:-1] + [(ids[-1] + 1) % tiny.BASE["vocab_size"]]
+    # Causal: the first token's state cannot change when the last token does; bidirectional: it must.
+    assert close(hidden_alone(model, ids)[0], hidden_alone(model, other)[0])
+    assert not close(hidden_alone(model, ids, causal=False)[0], hidden_alone(model, other, causal=False)[0])
+
+
+def test_bidirectional_is_the_kv_prompt_without_the_causal_mask(model, tok):
+    m = Bidirectional()
+    assert (m.template, m.query_template, m.pooling, m.causal) == (DOCUMENT_TEMPLATE, QUERY_TEMPLATE, "hybrid", False)
+    for prompt_name, template in ((None, DOCUMENT_TEMPLATE), ("query", QUERY_TEMPLATE)):
+        e, views = run(m, model, tok, TEXTS[:2], prompt_name)
+        for i, text in enumerate(TEXTS[:2]):
+            assert views[i][0].prompt == fill(template, text)
+            h = hidden_alone(model, views[i][0].ids, causal=False)
+            assert close(e[i], F.normalize((h.mean(0) + h[-1]) / 2, dim=-1))
+            hc = hidden_alone(model, views[i][0].ids)
+            assert not close(e[i], F.normalize((hc.mean(0) + hc[-1]) / 2, dim=-1))
+
+
+# ----------------------------------------------------------------------------- token prepending
+
+
+def tp_manual(model, ids, pst, k, seed_vec, exit_layer=None):
+    """Token prepending as a plain loop over the decoder's blocks, one unpadded row."""
+    T = len(ids)
+    ids_t = torch.tensor([ids])
+    mask = torch.zeros(1, 1, T, T).masked_fill(~torch.ones(T, T, dtype=torch.bool).tril(), float("-inf"))
+    cos, sin = model.rope(T, "cpu")
+    with torch.no_grad():
+        h = model.embed_tokens(ids_t).clone()
+        h[0, pst] = seed_vec
+        outs = []
+        for layer, block in enumerate(model.layers):
+            if 1 <= layer <= k:
+                h = h.clone()
+                h[0, pst] = h[0, T - 1]
+            h = block(h, cos, sin, mask, None)[0]
+            outs.append(h)
+        final = model.norm(h) if exit_layer is None else outs[exit_layer]
+    return final[0, -1]
+
+
+def seed_vec_for(seed, C):
+    return torch.randn(C, generator=torch.Generator().manual_seed(seed))
+
+
+def test_tp_placeholder_sits_before_the_text(tok):
+    v = TokenPrepending().prepare(tok, "a cat sat", None, None)[0]
+    pos = v.span[0]
+    assert v.span == (pos, pos + 1) and v.ids[pos] == 0
+    # The authors' added token splits the prompt: the part before it is tokenized on its own.
+    assert v.ids[:pos] == tok.encode("This sentence : ", add_special_tokens=True).ids
+    assert v.ids[pos + 1:] == tok.encode(' "a cat sat" means in one word:"', add_special_tokens=False).ids
+    assert TP_TEMPLATE == 'This sentence : <PST> "{text}" means in one word:"'
+
+
+@pytest.mark.parametrize("k", [1, 2, 3])
+def test_tp_replaces_the_placeholder_in_layers_1_to_k_only(model, tok, k):
+    e, views = run(TokenPrepending(k=k, normalize=False), model, tok, TEXTS[:2])
+    C = model.args.hidden_size
+    for i in range(2):
+        v = views[i][0]
+        want = tp_manual(model, v.ids, v.span[0], k, seed_vec_for(0, C))
+        assert close(e[i], want)
+        # One layer more or fewer, or no replacement at all, is a different vector.
+        assert not close(e[i], tp_manual(model, v.ids, v.span[0], k - 1, seed_vec_for(0, C)))
+        if k < model.args.num_hidden_layers - 1:
+            assert not close(e[i], tp_manual(model, v.ids, v.span[0], k + 1, seed_vec_for(0, C)))
+
+
+def test_tp_placeholder_seed_and_early_exit(model, tok):
+    e, views = run(TokenPrepending(k=2, exit_layer=-2, placeholder_seed=5, normalize=False), model, tok, [TEXTS[0]])
+    v = views[0][0]
+    seed5 = seed_vec_for(5, model.args.hidden_size)
+    assert close(e[0], tp_manual(model, v.ids, v.span[0], 2, seed5, exit_layer=-2))
+    assert not close(e[0], tp_manual(model, v.ids, v.span[0], 2, seed_vec_for(0, model.args.hidden_size), exit_layer=-2))
+
+
+def test_tp_text_spelling_the_placeholder_is_not_replaced(model, tok):
+    v = TokenPrepending().prepare(tok, "a <PST> b", None, None)[0]
+    assert v.ids.count(0) == 2 and v.ids.index(0) == v.span[0]  # the template's marker is the first
+    e, _ = run(TokenPrepending(k=2, normalize=False), model, tok, ["a <PST> b"])
+    assert close(e[0], tp_manual(model, v.ids, v.span[0], 2, seed_vec_for(0, model.args.hidden_size)))
+
+
+# ----------------------------------------------------------------------------- batch invariance
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3"])
+@pytest.mark.parametrize("name", sorted(BASELINES))
+def test_batch_invariance(models, family, name, tok):
+    model = models(family)
+    switches = {"k": 2} if name == "token_prepending" else {}
+    m = BASELINES[name](**switches)
+    together, _ = run(m, model, tok, TEXTS[:3])  # rows of different lengths, right-padded together
+    for i, text in enumerate(TEXTS[:3]):
+        alone, _ = run(m, model, tok, [text])
+        err = (together[i] - alone[0]).abs().max().item()
+        assert err < TOL, f"{name}/{family}: row {i} changes by {err:.2e} when batched"
+
