@@ -39,6 +39,25 @@ class TruncationWarning(UserWarning):
     """Some texts were longer than max_length and were cut (the text, never the instruction)."""
 
 
+class SurrogateWarning(UnicodeWarning):
+    """Some texts held lone UTF-16 surrogates (not encodable as UTF-8) and were embedded with U+FFFD instead."""
+
+
+def repair_surrogates(text: str) -> str | None:
+    """`text` with surrogate pairs joined and lone surrogates replaced by U+FFFD; None when it has none.
+
+    Python strings can hold surrogates (JSON "\\ud800", files read with errors="surrogateescape"), but the
+    tokenizer only takes valid Unicode and would fail on them; one bad text must not stop a long run.
+    """
+    if text.isascii():
+        return None
+    try:
+        text.encode("utf-8")
+        return None
+    except UnicodeEncodeError:
+        return text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+
+
 def as_dtype(dtype) -> torch.dtype:
     if isinstance(dtype, torch.dtype):
         return dtype
@@ -93,6 +112,7 @@ class KVEmbedder:
             torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         self._lock = threading.Lock()
         self.last_truncated: list[int] = []
+        self.last_repaired: list[int] = []  # indices whose lone surrogates became U+FFFD in the last call
 
     @classmethod
     def from_pretrained(cls, name_or_path=None, *, method: str = "kvembedding", dtype="float32", device="cpu",
@@ -158,8 +178,13 @@ class KVEmbedder:
         if prompt is not None:
             method = self._with_prompt(prompt)
         with self._lock:
-            out, truncated = self._encode_all(iter(inputs), method, prompt_name, batch_size, show_progress_bar)
-            self.last_truncated = truncated
+            out, truncated, repaired = self._encode_all(iter(inputs), method, prompt_name, batch_size,
+                                                         show_progress_bar)
+            self.last_truncated, self.last_repaired = truncated, repaired
+        if repaired:
+            warnings.warn(f"{len(repaired)} text(s) held lone surrogates (invalid Unicode), embedded with U+FFFD in "
+                          f"their place; indices: {repaired[:10]}{' ...' if len(repaired) > 10 else ''}",
+                          SurrogateWarning, stacklevel=2)
         if truncated:
             msg = (f"{len(truncated)} text(s) were longer than max_length={self.max_length} tokens and were cut "
                    f"(the text, not the instruction); indices: {truncated[:10]}{' ...' if len(truncated) > 10 else ''}")
@@ -222,6 +247,7 @@ class KVEmbedder:
         chunk_size = batch_size * 32  # bounds memory for huge or endless inputs
         results: list[Tensor] = []
         truncated: list[int] = []
+        repaired: list[int] = []
         bar = None
         start = 0
         while True:
@@ -231,6 +257,10 @@ class KVEmbedder:
             for i, t in enumerate(chunk):
                 if not isinstance(t, str):
                     raise TypeError(f"inputs[{start + i}] is {type(t).__name__}, not str; every item must be a string")
+                fixed = repair_surrogates(t)
+                if fixed is not None:
+                    chunk[i] = fixed
+                    repaired.append(start + i)
             if bar is None and (show_progress_bar or (show_progress_bar is None and len(chunk) >= chunk_size
                                                       and sys.stderr.isatty())):
                 bar = tqdm(desc=f"kvembed {method.name}", unit="text", total=None)
@@ -255,8 +285,8 @@ class KVEmbedder:
         if bar is not None:
             bar.close()
         if not results:
-            return torch.empty(0, self.get_embedding_dimension()), truncated
-        return torch.cat(results), truncated
+            return torch.empty(0, self.get_embedding_dimension()), truncated, repaired
+        return torch.cat(results), truncated, repaired
 
 
 def method_normalizes(method) -> bool:
