@@ -274,7 +274,7 @@ class KVEmbedder:
                     e = method.embed(self._forward_model, [views[i] for i in idx], self._collate).float().cpu()
                 bad = ~torch.isfinite(e).all(-1)
                 if bad.any():
-                    where = [start + idx[j] for j in bad.nonzero().flatten().tolist()]
+                    where = sorted(start + idx[j] for j in bad.nonzero().flatten().tolist())  # input order
                     raise FloatingPointError(f"non-finite embedding (NaN or inf) for input index(es) {where}; "
                                              f"try dtype='float32' or check the weights")
                 out[idx] = e
