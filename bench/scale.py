@@ -1,0 +1,131 @@
+"""Scale-out bench: `kvembed embed-corpus` texts/s with 1 process vs `torchrun --nproc-per-node 2`.
+
+    python bench/scale.py [--n 256] [--model PATH] [--layers 12,13,14,15] [--batch-size 32] [--part-size 64]
+
+Runs, on the first --n texts of the id_corpus, after one untimed warm-up run (model conversion, layer
+file cache):
+    1proc       one process, torch's default thread count (all cores)  <- the baseline
+    1proc_1thr  one process, OMP_NUM_THREADS=1
+    2proc       torchrun --standalone --nproc-per-node 2, OMP_NUM_THREADS=1 per rank
+texts/s is rows / the embedding phase (barrier to barrier, from OUTDIR/summary.json); wall_s adds process
+start, imports and model loading. Prints one JSON line per run and writes bench/results/scale.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+DATA = ROOT.parent / "shared" / "data" / "id_corpus" / "train.jsonl"
+
+
+def write_input(path: Path, n: int) -> None:
+    with open(DATA) as f, open(path, "w") as out:
+        for i, line in zip(range(n), f):
+            out.write(json.dumps({"id": i, "text": json.loads(line)["text"]}) + "\n")
+
+
+def launch(cmd: list[str], threads: int | None) -> float:
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    if threads is not None:
+        env["OMP_NUM_THREADS"] = str(threads)
+    else:
+        env.pop("OMP_NUM_THREADS", None)
+    t0 = time.perf_counter()
+    r = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if r.returncode != 0:
+        sys.exit(f"failed: {' '.join(cmd)}\n{r.stderr[-3000:]}")
+    return wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=256)
+    ap.add_argument("--model", default=None, help="default: SmolLM2-135M-Instruct")
+    # A 4-layer window, the size auto selection picks for a 30-layer model (m .. m + floor(30 / 10)); which
+    # layers does not change the cost, and auto would first run TwoNN on 1000 texts.
+    ap.add_argument("--layers", default="12,13,14,15")
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--part-size", type=int, default=64)
+    ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "scale"))
+    args = ap.parse_args()
+
+    work = Path(tempfile.mkdtemp(prefix="kvembed-scale-"))
+    try:
+        inp = work / "in.jsonl"
+        write_input(inp, args.n)
+        write_input(work / "warm.jsonl", 32)
+        common = ["--layers", args.layers, "--batch-size", str(args.batch_size),
+                  "--part-size", str(args.part_size), "--device", "cpu", "--quiet"]
+        if args.model:
+            common += ["--model", args.model]
+        corpus = [sys.executable, "-m", "kvembed.corpus"]
+        launch([*corpus, str(work / "warm.jsonl"), str(work / "warm"), *common], None)
+        runs = {
+            "1proc": (lambda o: [*corpus, str(inp), o, *common], None),
+            "1proc_1thr": (lambda o: [*corpus, str(inp), o, *common], 1),
+            "2proc": (lambda o: [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                                 "--nproc-per-node", "2", "-m", "kvembed.corpus", str(inp), o, *common], 1),
+        }
+        env = {"torch": torch.__version__, "python": platform.python_version(), "cpus": os.cpu_count(),
+               "dtype": "float32", "device": "cpu", "backend": "gloo", "n_texts": args.n,
+               "batch_size": args.batch_size, "part_size": args.part_size, "layers": args.layers,
+               "model": args.model or "SmolLM2-135M-Instruct (default)",
+               "loadavg_before": os.getloadavg()[0]}
+        records = []
+        for name, (cmd, threads) in runs.items():
+            out = work / name
+            wall = launch(cmd(str(out)), threads)
+            summary = json.loads((out / "summary.json").read_text())
+            rec = {"run": name, "processes": summary["world_size"], "threads_per_process": threads or torch.get_num_threads(),
+                   "texts_per_s": summary["texts_per_s"], "embed_s": summary["embed_seconds"], "wall_s": round(wall, 2)}
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+        base = records[0]["texts_per_s"]
+        for rec in records:
+            rec["speedup_vs_1proc"] = round(rec["texts_per_s"] / base, 3)
+        m = {name: np.load(work / name / "embeddings.npy") for name in runs}
+        env["bit_identical_2proc_vs_1proc_1thr"] = bool(np.array_equal(m["2proc"], m["1proc_1thr"]))
+        env["max_abs_diff_2proc_vs_1proc"] = float(np.abs(m["2proc"] - m["1proc"]).max())
+        env["loadavg_after"] = os.getloadavg()[0]
+        print(json.dumps({"env": env, "speedups": {r["run"]: r["speedup_vs_1proc"] for r in records}}), flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps({"env": env, "runs": records}, indent=1) + "\n")
+    lines = [
+        "# embed-corpus: 1 process vs torchrun 2 processes (CPU, gloo)",
+        "",
+        f"torch {env['torch']}, {env['cpus']} CPUs, {env['dtype']}, model {env['model']}, layers {env['layers']}, "
+        f"{env['n_texts']} id_corpus texts, batch {env['batch_size']}, part {env['part_size']}. "
+        f"Load average {env['loadavg_before']:.1f} before, {env['loadavg_after']:.1f} after (a shared machine).",
+        "",
+        "| run | processes | threads/process | texts/s (embedding phase) | vs 1proc | wall s (with start-up) |",
+        "|---|---|---|---|---|---|",
+        *(f"| {r['run']} | {r['processes']} | {r['threads_per_process']} | {r['texts_per_s']} | "
+          f"{r['speedup_vs_1proc']} | {r['wall_s']} |" for r in records),
+        "",
+        f"2proc output bit-identical to 1proc_1thr: {env['bit_identical_2proc_vs_1proc_1thr']}; "
+        f"max |2proc - 1proc (2 threads)| = {env['max_abs_diff_2proc_vs_1proc']:.2e}.",
+        "",
+    ]
+    out.with_suffix(".md").write_text("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
