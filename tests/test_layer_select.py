@@ -16,6 +16,7 @@ test pins that known behaviour and still separates it from a 5-D cube (4.64 meas
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -335,9 +336,7 @@ def _touch(path):
 
 
 def test_read_the_shared_id_corpus():
-    from pathlib import Path
-
-    texts = ls.read_id_corpus(Path(__file__).resolve().parents[2] / "shared/data/id_corpus/train.jsonl")
+    texts = ls.read_id_corpus(ID_CORPUS)
     assert len(texts) == 2000 and all(t.strip() for t in texts)
 
 
@@ -389,3 +388,31 @@ def test_cli_select_layers_on_a_checkpoint(tmp_path, capsys):
 
     with pytest.raises(SystemExit, match="pass --corpus"):  # no corpus, and nothing shipped for these weights
         ls.run(parser.parse_args(["--model", str(folder)]))
+
+
+# --------------------------------------------------------------------------------- the shipped selection
+
+ID_CORPUS = Path(__file__).resolve().parents[2] / "shared/data/id_corpus/train.jsonl"
+
+
+def test_shipped_selection_is_the_rule_applied_to_its_curve():
+    sel = ls.LayerSelection.from_dict(json.loads(ls.SHIPPED.read_text()))
+    assert len(sel.ids) == 30 and (sel.skip, sel.m) == ls.window_rule(sel.ids, 30)[:2]
+    assert sel.layers == ls.select_window(sel.ids, 30)
+    assert (sel.n_texts, sel.seed, sel.template, sel.max_length) == (1000, 0, ls.DOCUMENT_TEMPLATE, 512)
+    assert sel.corpus_sha256 == ls.corpus_sha256(ls.read_id_corpus(ID_CORPUS))
+    assert ls.shipped_selection(sel.fingerprint) == sel
+
+
+@pytest.mark.slow
+def test_shipped_selection_belongs_to_the_default_model(tmp_path_factory):
+    # Fails when the default model's converted bytes change (loader or conversion edits): recompute with
+    # `kvembed select-layers --corpus <id_corpus> --json kvembed/data/smollm2_135m_layers.json`.
+    import os
+
+    import weights_loader
+    from weights_loader import default_model as dm
+
+    cache = Path(os.environ["KVEMBED_CACHE"]) if os.environ.get("KVEMBED_CACHE") else tmp_path_factory.mktemp("kvc")
+    loaded = weights_loader.load_model(dm.default_model_path(cache))
+    assert ls.shipped_selection(loaded.fingerprint) is not None
