@@ -58,11 +58,12 @@ def run_ablations(model: str | None, *, split: str = ABLATION_SPLIT, dtype: str 
     specs = select_tasks(list(ABLATION_TASKS), data_dir)
     t0 = time.perf_counter()
     runs = []
-    default = make(model, method, {}, dtype=dtype, device=device)
+    default = make(model, method, {}, dtype=dtype, device=device, data_dir=data_dir)
     if grid is None:
         grid = ablation_grid(default.args.num_hidden_layers)
     for label, switches in grid:
-        embedder = default if not switches else make(model, method, switches, dtype=dtype, device=device)
+        embedder = default if not switches else make(model, method, switches, dtype=dtype, device=device,
+                                                      data_dir=data_dir)
         runs.append(run_method(embedder, specs, split=split, max_rows=max_rows, seed=seed, cache=cache,
                                batch_size=batch_size, show_progress_bar=show_progress_bar, label=label,
                                method=method, switches=switches, model_name=model))

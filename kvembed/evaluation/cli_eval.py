@@ -174,7 +174,7 @@ def run(args, *, make=None) -> int:
         t0 = time.perf_counter()
         runs = []
         for label, method, switches in method_list(args):
-            embedder = make(args.model, method, switches, dtype=args.dtype, device=args.device)
+            embedder = make(args.model, method, switches, dtype=args.dtype, device=args.device, data_dir=data_dir)
             runs.append(run_method(embedder, specs, split=split, max_rows=args.max_rows, seed=args.seed,
                                    cache=cache, batch_size=args.batch_size, show_progress_bar=progress,
                                    label=label, method=method, switches=switches, model_name=args.model))

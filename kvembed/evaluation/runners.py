@@ -15,11 +15,12 @@ import logging
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 from .cache import EmbeddingCache
 from .mteb_adapter import KVEmbeddingMTEB
 from .mteb_tasks import build_task
-from .tasks import TaskSpec
+from .tasks import TaskSpec, default_data_dir
 
 log = logging.getLogger(__name__)
 
@@ -70,27 +71,34 @@ class Table:
 
 
 def make_embedder(model: str | None, method: str, switches: dict | None = None, *, dtype: str = "float32",
-                  device: str = "cpu"):
-    """A kvembed embedder for (model, method, switches); `lexical_bow` needs no model."""
+                  device: str = "cpu", data_dir=None):
+    """A kvembed embedder for (model, method, switches); `lexical_bow` needs no model.
+
+    KV-Embedding's `layers="auto"` measures intrinsic dimension on the data pack's unlabelled
+    `id_corpus` (train texts only, never an evaluation split) unless the model ships a selection.
+    """
     switches = dict(switches or {})
     if method == "lexical_bow":
         if switches:
             raise ValueError(f"method 'lexical_bow' takes no switches, got {sorted(switches)}")
         from .lexical import HashingBowEmbedder
         return HashingBowEmbedder()
-    import torch
-
     from kvembed.encoder import KVEmbedder
-    return KVEmbedder.from_pretrained(model, method=method, dtype=getattr(torch, dtype), device=device, **switches)
+
+    extra = {}
+    id_corpus = Path(data_dir or default_data_dir()) / "id_corpus" / "train.jsonl"
+    if method == "kvembedding" and id_corpus.is_file():
+        extra["id_corpus"] = str(id_corpus)
+    return KVEmbedder.from_pretrained(model, method=method, dtype=dtype, device=device, **extra, **switches)
 
 
 def describe_layers(embedder) -> str:
-    """The re-routed layers as the embedder reports them ("n/a" for methods without re-routing)."""
-    for attr in ("selected_layers", "layers"):
-        value = getattr(embedder, attr, None)
-        if value is not None and not callable(value):
-            return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else str(value)
-    return "n/a"
+    """The re-routed layers as the embedder's method reports them ("n/a" for methods without re-routing)."""
+    layers = getattr(getattr(embedder, "method", None), "layers", None)
+    if layers is None or callable(layers):
+        return "n/a"
+    layers = list(layers)
+    return ",".join(map(str, layers)) if layers else "none"
 
 
 def _clean(scores: dict) -> dict:
