@@ -81,10 +81,16 @@ class ModelArgs:
                 raise ConfigError(f"config.json ({model_type}): required key {key!r} is missing")
             return cfg[key]
 
-        hidden_size = int(need("hidden_size"))
-        n_heads = int(need("num_attention_heads"))
+        def positive(key: str, value) -> int:
+            n = _as(int, key, value)
+            if n <= 0:
+                raise ConfigError(f"config.json: {key}={value!r} must be a positive integer")
+            return n
+
+        hidden_size = positive("hidden_size", need("hidden_size"))
+        n_heads = positive("num_attention_heads", need("num_attention_heads"))
         # Llama-1/2 era configs omit num_key_value_heads: that means plain multi-head attention.
-        n_kv = int(cfg.get("num_key_value_heads") or n_heads)
+        n_kv = positive("num_key_value_heads", cfg.get("num_key_value_heads") or n_heads)
         if n_heads % n_kv:
             raise ConfigError(
                 f"config.json: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}"
@@ -98,7 +104,7 @@ class ModelArgs:
                     f"num_attention_heads={n_heads}"
                 )
             head_dim = hidden_size // n_heads
-        head_dim = int(head_dim)
+        head_dim = positive("head_dim", head_dim)
         if head_dim % 2:
             raise ConfigError(f"config.json: head_dim={head_dim} must be even for rotary embeddings")
 
@@ -107,23 +113,23 @@ class ModelArgs:
             raise ConfigError(f"config.json: hidden_act={act!r} is not supported (only 'silu')")
 
         rope_theta, rope_scaling = _fold_rope(cfg)
-        n_layers = int(need("num_hidden_layers"))
+        n_layers = positive("num_hidden_layers", need("num_hidden_layers"))
         sliding_window, layer_types = _fold_sliding_window(cfg, model_type, n_layers)
 
         attention_bias = bool(cfg.get("attention_bias") or False)
         return cls(
             model_type=model_type,
-            vocab_size=int(need("vocab_size")),
+            vocab_size=positive("vocab_size", need("vocab_size")),
             hidden_size=hidden_size,
-            intermediate_size=int(need("intermediate_size")),
+            intermediate_size=positive("intermediate_size", need("intermediate_size")),
             num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
             num_key_value_heads=n_kv,
             head_dim=head_dim,
-            rms_norm_eps=float(cfg.get("rms_norm_eps", 1e-6)),
+            rms_norm_eps=_as(float, "rms_norm_eps", cfg.get("rms_norm_eps", 1e-6)),
             rope_theta=rope_theta,
             rope_scaling=rope_scaling,
-            max_position_embeddings=int(cfg.get("max_position_embeddings") or 2048),
+            max_position_embeddings=positive("max_position_embeddings", cfg.get("max_position_embeddings") or 2048),
             tie_word_embeddings=bool(cfg.get("tie_word_embeddings", False)),
             # Qwen2 always has q/k/v bias and never an o_proj bias; Llama's attention_bias covers all four.
             qkv_bias=model_type == "qwen2" or attention_bias,
@@ -140,6 +146,16 @@ class ModelArgs:
         d = dataclasses.asdict(self)
         d["layer_types"] = list(self.layer_types)
         return d
+
+
+def _as(kind, key: str, value):
+    """int()/float() of a config value, as a ConfigError naming the key."""
+    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+        raise ConfigError(f"config.json: {key}={value!r} is not a valid {kind.__name__}")
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"config.json: {key}={value!r} is not a valid {kind.__name__}") from None
 
 
 def _fold_rope(cfg: dict[str, Any]) -> tuple[float, dict | None]:
@@ -174,7 +190,7 @@ def _fold_rope(cfg: dict[str, Any]) -> tuple[float, dict | None]:
             if missing:
                 raise ConfigError(f"config.json: rope scaling {rope_type!r} is missing {', '.join(missing)}")
             scaling = {"rope_type": rope_type, **{k: scaling[k] for k in need}}
-    return float(theta), scaling
+    return _as(float, "rope_theta", theta), scaling
 
 
 def _fold_sliding_window(cfg: dict[str, Any], model_type: str, n_layers: int) -> tuple[int | None, tuple[str, ...]]:
@@ -190,7 +206,7 @@ def _fold_sliding_window(cfg: dict[str, Any], model_type: str, n_layers: int) ->
             layer_types = ["full_attention"] * n_layers
         elif model_type in ("qwen2", "qwen3"):
             # transformers: layers at index >= max_window_layers slide.
-            first = int(cfg.get("max_window_layers", n_layers))
+            first = _as(int, "max_window_layers", cfg.get("max_window_layers", n_layers))
             layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
         else:
             layer_types = ["sliding_attention"] * n_layers
@@ -204,4 +220,4 @@ def _fold_sliding_window(cfg: dict[str, Any], model_type: str, n_layers: int) ->
         raise ConfigError("config.json: layer_types asks for sliding_attention but sliding_window is not set")
     if window is not None and "sliding_attention" not in layer_types:
         window = None
-    return (int(window) if window is not None else None), layer_types
+    return (_as(int, "sliding_window", window) if window is not None else None), layer_types

@@ -120,9 +120,8 @@ def test_config_that_contradicts_the_weights_names_tensor_and_config(ckpt, chang
     assert str(ckpt / "model.safetensors") in msg and key in msg and "config" in msg
 
 
-@pytest.mark.xfail(strict=True, reason="config.py converts with bare int()/float(): a non-numeric value escapes as "
-                   "a ValueError/TypeError without the file name (fix proposed in docs/reliability.md)")
-@pytest.mark.parametrize("changes", [{"hidden_size": "sixty-four"}, {"rms_norm_eps": [1e-6]}])
+@pytest.mark.parametrize("changes", [{"hidden_size": "sixty-four"}, {"rms_norm_eps": [1e-6]}, {"num_attention_heads": 0},
+                                     {"num_hidden_layers": 2.5}])
 def test_ill_typed_config_value_is_named(ckpt, changes):
     edit_config(ckpt, **changes)
     with pytest.raises(InvalidConfigError, match=rf"{ckpt / 'config.json'}.*{next(iter(changes))}"):
