@@ -3,7 +3,8 @@
 Exit codes (every subcommand):
     0  success
     1  an unexpected internal error (a bug: please report it with the traceback)
-    2  bad usage or bad input: unknown option, missing/unreadable input file, bad JSONL line, missing output folder
+    2  bad usage or bad input: unknown option, missing/unreadable input file, bad JSONL line, missing output folder,
+       an embed-corpus output folder that belongs to another run
     3  the model could not be loaded (missing, corrupt or inconsistent weights/config; the message names the file)
     4  embedding failed: a non-finite vector, or a text too long with --on-truncation raise
 """
@@ -254,11 +255,12 @@ def main(argv=None) -> int:
     from weights_loader import WeightsError
 
     from .config import ConfigError
+    from .scale.manifest import OutdirError
 
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except InputError as e:
+    except (InputError, OutdirError) as e:
         print(f"kvembed: error: {e}", file=sys.stderr)
         return EXIT_INPUT
     except (WeightsError, ConfigError) as e:
