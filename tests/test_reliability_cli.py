@@ -10,20 +10,10 @@ import json
 
 import numpy as np
 import pytest
-import torch
 
 from kvembed import cli
 from kvembed.encoder import SurrogateWarning
 from tests import tiny
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from intra-op threads, and on a busy machine their spin-waits cost ~20x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(autouse=True)

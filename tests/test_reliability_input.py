@@ -13,7 +13,6 @@ import weakref
 
 import numpy as np
 import pytest
-import torch
 
 from kvembed import method as method_module
 from kvembed.encoder import KVEmbedder, SurrogateWarning, TruncationWarning
@@ -41,16 +40,6 @@ ODD_TEXTS = {
     "noncharacters": "\uffff\ufffe\U0010ffff",
     "long 100k": "word " * 20_000,
 }
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from intra-op threads, and on a busy machine the threads' spin-waits make
-    # them ~20x slower; one thread keeps this file fast and changes no result here (fp32, same kernels).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @pytest.fixture(scope="module")

@@ -21,15 +21,6 @@ DIM = tiny.BASE["hidden_size"]
 TEXTS = [f"sentence {i}: " + "abc " * (i % 5) for i in range(12)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    # Tiny matmuls gain nothing from intra-op threads, and on a busy machine their spin-waits cost ~20x.
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     f, _ = tiny.write_checkpoint(tmp_path_factory.mktemp("rel_num") / "llama", "llama")

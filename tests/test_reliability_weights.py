@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests import tiny
-from weights_loader import CheckpointMismatchError, CorruptFileError, InvalidConfigError, WeightsError, load_model
+from weights_loader import CheckpointMismatchError, CorruptFileError, InvalidConfigError, load_model
 from weights_loader import default_model as dm
 
 
