@@ -221,7 +221,33 @@ def parse(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--repeats", type=int, default=None, help="timed runs of each side per pair")
     p.add_argument("--no-write", action="store_true", help="print JSON lines only; leave bench/results alone")
+    p.add_argument("--profile", type=int, nargs=2, metavar=("B", "T"),
+                   help="instead of timing: torch.profiler tables of one kvembed and one hf_sdpa forward at B x T")
     return p.parse_args(argv)
+
+
+def profile(B: int, T: int, dtype, rows: int = 18) -> None:
+    """Where the time goes: the top aten ops (self CPU time) of one warm forward of each engine."""
+    from torch.profiler import ProfilerActivity
+    from torch.profiler import profile as torch_profile
+
+    label, model, config, layers = default_model(dtype)
+    hf = hf_twin(model, config, "sdpa")
+    batch = make_batch(B, T, model.args.vocab_size, seed=0)
+    runs = {
+        "kvembed (KV-Embedding, eager)": lambda: kv_embed(model, batch, layers),
+        "kvembed (plain, eager)": lambda: kv_embed(model, batch, ()),
+        "transformers sdpa": lambda: pool(hf(input_ids=batch.input_ids,
+                                             attention_mask=batch.attention_mask).last_hidden_state,
+                                          batch.attention_mask),
+    }
+    with torch.inference_mode():
+        for name, fn in runs.items():
+            fn()  # warm-up outside the profile
+            with torch_profile(activities=[ProfilerActivity.CPU]) as prof:
+                fn()
+            print(f"\n### {name}, {label} B={B} T={T} {dtype} threads={torch.get_num_threads()}\n")
+            print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
 
 
 def main(argv=None) -> int:
@@ -229,6 +255,9 @@ def main(argv=None) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     dtype = getattr(torch, opts.dtype)
+    if opts.profile:
+        profile(*opts.profile, dtype)
+        return 0
     full = opts.full
     shapes = FULL_SHAPES if full else QUICK_SHAPES
     opts.repeats = opts.repeats or (5 if full else 3)
