@@ -91,6 +91,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     s.add_argument("--pooling", default=None, choices=("hybrid", "mean", "last"))
     s.add_argument("--no-normalize", action="store_true", help="keep embeddings unnormalised")
     s.add_argument("--template", default=None, help="'none' (raw text) or a string with a {text} slot")
+    s.add_argument("--max-length", type=int, default=None,
+                   help="tokens per text (default: the model's context); longer texts are cut on the text side")
 
     o = parser.add_argument_group("files")
     o.add_argument("--data-dir", type=Path, default=None,
@@ -104,7 +106,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def common_switches(args) -> dict:
     sw = {}
-    for key in ("layers", "bias", "rope_mode", "passes", "pooling", "template"):
+    for key in ("layers", "bias", "rope_mode", "passes", "pooling", "template", "max_length"):
         if getattr(args, key, None) is not None:
             sw[key] = getattr(args, key)
     if getattr(args, "no_normalize", False):
