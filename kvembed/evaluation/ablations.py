@@ -52,18 +52,28 @@ def check_split(split: str) -> None:
 def run_ablations(model: str | None, *, split: str = ABLATION_SPLIT, dtype: str = "float32", device: str = "cpu",
                   data_dir=None, max_rows: int | None = None, seed: int = 0, cache=None, batch_size: int = 32,
                   show_progress_bar: bool = True, command: str = "", make=make_embedder,
-                  grid: list[tuple[str, dict]] | None = None, method: str = "kvembedding") -> Table:
-    """Score every grid row on the ablation tasks; `make(model, method, switches, dtype=, device=)` builds one."""
+                  grid: list[tuple[str, dict]] | None = None, method: str = "kvembedding",
+                  tasks: list[str] | None = None, base: dict | None = None) -> Table:
+    """Score every grid row on the ablation tasks; `make(model, method, switches, dtype=, device=)` builds one.
+
+    `tasks` narrows the grid to some of ABLATION_TASKS; `base` switches (e.g. max_length) apply to every row.
+    """
     check_split(split)
-    specs = select_tasks(list(ABLATION_TASKS), data_dir)
+    tasks = list(tasks or ABLATION_TASKS)
+    unknown = sorted(set(tasks) - set(ABLATION_TASKS))
+    if unknown:
+        raise ValueError(f"ablation tasks {unknown} are not among {', '.join(ABLATION_TASKS)}")
+    specs = select_tasks(tasks, data_dir)
+    base = dict(base or {})
     t0 = time.perf_counter()
     runs = []
-    default = make(model, method, {}, dtype=dtype, device=device, data_dir=data_dir)
+    default = make(model, method, base, dtype=dtype, device=device, data_dir=data_dir)
     if grid is None:
         grid = ablation_grid(default.args.num_hidden_layers)
     for label, switches in grid:
-        embedder = default if not switches else make(model, method, switches, dtype=dtype, device=device,
-                                                      data_dir=data_dir)
+        switches = {**base, **switches}
+        embedder = default if switches == base else make(model, method, switches, dtype=dtype, device=device,
+                                                          data_dir=data_dir)
         runs.append(run_method(embedder, specs, split=split, max_rows=max_rows, seed=seed, cache=cache,
                                batch_size=batch_size, show_progress_bar=show_progress_bar, label=label,
                                method=method, switches=switches, model_name=model))

@@ -166,9 +166,14 @@ def run(args, *, make=None) -> int:
         check_split(split)
         if args.method not in (None, "kvembedding") or args.methods:
             raise SystemExit("--ablations varies the kvembedding switches; drop --method/--methods")
+        fixed = sorted(set(common_switches(args)) - {"max_length"})
+        if fixed:
+            raise SystemExit(f"--ablations varies the switches itself; drop {', '.join('--' + k.replace('_', '-') for k in fixed)}")
         table = run_ablations(args.model, split=split, dtype=args.dtype, device=args.device, data_dir=data_dir,
                               max_rows=args.max_rows, seed=args.seed, cache=cache, batch_size=args.batch_size,
-                              show_progress_bar=progress, command=command, make=make)
+                              show_progress_bar=progress, command=command, make=make,
+                              tasks=None if args.tasks == "all" else args.tasks.split(","),
+                              base={k: v for k, v in common_switches(args).items() if k == "max_length"})
         name = args.name or "ablations"
     else:
         split = args.split or "test"
