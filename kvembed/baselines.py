@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .method import (DOCUMENT_TEMPLATE, POOLINGS, QUERY_TEMPLATE, RAW_TEMPLATE, Encoded, check_template,
-                     encode_text, pool)
+from .method import (DOCUMENT_TEMPLATE, POOLINGS, QUERY_TEMPLATE, RAW_TEMPLATE, Encoded, Templated,
+                     check_template, encode_text, pool)
 from .model import Decoder, Intervention
 
 
@@ -42,7 +42,7 @@ class Marked(Encoded):
 # ------------------------------------------------------------------ one prompt, one pass, one pool
 
 
-class Prompted:
+class Prompted(Templated):
     """A template, one forward pass, `method.pool`: the shape shared by mean, last, prompteol, bidirectional."""
 
     name = ""
@@ -63,10 +63,6 @@ class Prompted:
     def config(self) -> dict:
         return dict(method=self.name, pooling=self.pooling, normalize=self.normalize, causal=self.causal,
                     template=self.template, query_template=self.query_template)
-
-    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
-        template = self.query_template if prompt_name == "query" else self.template
-        return [encode_text(tokenizer, text, template, max_length)]
 
     def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn) -> Tensor:
         batch = collate_fn([v[0].ids for v in views])

@@ -27,19 +27,38 @@ class InputError(ValueError):
 
 
 def parse_layers(value: str):
+    """`auto` / `none` / `all` / `3,4,5` / `3-5` / `3+4+5` -> the encoder's `layers` switch."""
+    value = value.strip()
     if value in ("auto", "none", "all"):
         return value
+    out = []
     try:
-        out = []
-        for part in value.split(","):
+        for part in value.replace("+", ",").split(","):
             if "-" in part:
                 a, b = part.split("-")
                 out += list(range(int(a), int(b) + 1))
-            elif part.strip():
+            elif part:
                 out.append(int(part))
-        return out
     except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {value!r}: expected auto, none, all, 3,4,5 or 3-5") from None
+        raise argparse.ArgumentTypeError(
+            f"--layers {value!r}: use auto, none, all, or layer indices like 3,4,5 or 3-5") from None
+    if not out:
+        raise argparse.ArgumentTypeError(f"--layers {value!r}: no layer index given")
+    return out
+
+
+# Options that become KVEmbedder.from_pretrained switches when given (None = the method's default).
+SWITCHES = ("layers", "bias", "rope_mode", "passes", "pooling", "template", "query_template", "max_length")
+
+
+def switches_from_args(args) -> dict:
+    """The method switches a parsed command line sets, for every subcommand that builds an embedder."""
+    switches = {k: getattr(args, k) for k in SWITCHES if getattr(args, k, None) is not None}
+    if getattr(args, "no_normalize", False):  # --no-normalize
+        switches["normalize"] = False
+    elif getattr(args, "normalize", None) is not None:  # --normalize / --no-normalize (BooleanOptionalAction)
+        switches["normalize"] = args.normalize
+    return switches
 
 
 def add_model_options(p: argparse.ArgumentParser) -> None:
@@ -66,15 +85,8 @@ def add_model_options(p: argparse.ArgumentParser) -> None:
 def embedder_from_args(args):
     from .encoder import KVEmbedder
 
-    switches = {}
-    for key in ("layers", "bias", "rope_mode", "passes", "pooling", "template", "query_template"):
-        if getattr(args, key, None) is not None:
-            switches[key] = getattr(args, key)
-    if getattr(args, "no_normalize", False):
-        switches["normalize"] = False
     return KVEmbedder.from_pretrained(args.model, method=args.method, dtype=args.dtype, device=args.device,
-                                      compile=args.compile, max_length=args.max_length, id_corpus=args.id_corpus,
-                                      **switches)
+                                      compile=args.compile, id_corpus=args.id_corpus, **switches_from_args(args))
 
 
 # ------------------------------------------------------------------------------------------- embed

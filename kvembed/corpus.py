@@ -29,6 +29,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from kvembed.cli import parse_layers, switches_from_args
 from kvembed.scale.inputs import read_rows, scan_jsonl
 from kvembed.scale.manifest import FORMAT, assemble, check_or_claim, load_corpus_embeddings, run_key
 from kvembed.scale.parts import finished_record, json_bytes, n_parts, part_range, remove_stale_tmp, write_part
@@ -248,15 +249,6 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
 # Command line
 
 
-def parse_layers(value: str):
-    if value in ("auto", "none", "all"):
-        return value
-    try:
-        return [int(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"--layers {value!r}: expected auto, none, all or a list like 3,4,5") from None
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="JSONL file, one {\"id\": ..., \"text\": ...} object per line")
     parser.add_argument("outdir", help="output folder (created; a rerun into it resumes)")
@@ -284,18 +276,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true")
 
 
-SWITCHES = ("layers", "bias", "rope_mode", "passes", "pooling", "normalize", "template")
-
-
 def run(args) -> int:
     from kvembed.encoder import KVEmbedder
 
-    switches = {k: getattr(args, k) for k in SWITCHES if getattr(args, k, None) is not None}
+    switches = switches_from_args(args)
     rank, world, device = launch_context(args.device)
     try:
-        extra = {k: getattr(args, k) for k in ("max_length", "id_corpus") if getattr(args, k, None) is not None}
         embedder = KVEmbedder.from_pretrained(args.model, method=args.method, dtype=DTYPES[args.dtype],
-                                              device=device, **extra, **switches)
+                                              device=device, id_corpus=args.id_corpus, **switches)
         embed_corpus(args.input, args.outdir, embedder, method={"model": args.model, "method": args.method,
                      "switches": switches}, dtype=args.dtype, prompt_name=args.prompt_name,
                      part_size=args.part_size, batch_size=args.batch_size, id_field=args.id_field,

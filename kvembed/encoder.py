@@ -66,10 +66,10 @@ def as_dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def make_method(name: str, layers, **switches):
-    """A method object by name: "kvembedding" or any baseline in kvembed.baselines.BASELINES."""
+def make_method(name: str, **switches):
+    """A method object by name: "kvembedding" (switches include resolved `layers`) or any baseline."""
     if name in ("kvembedding", "kv-embedding", "kv_embedding"):
-        return KVEmbedding(layers, **switches)
+        return KVEmbedding(**switches)
     from .baselines import BASELINES
 
     if name not in BASELINES:
@@ -131,7 +131,7 @@ class KVEmbedder:
             return cls(loaded, make_method(method, **switches), max_length=max_length, compile=compile)
         if layers != "auto":
             raise ValueError(f"layers={layers!r} applies to kvembedding only, not to method={method!r}")
-        return cls(loaded, make_method(method, None, **switches), max_length=max_length, compile=compile)
+        return cls(loaded, make_method(method, **switches), max_length=max_length, compile=compile)
 
     # ------------------------------------------------------------------------------ identity
 

@@ -240,7 +240,16 @@ def kv_embed(
 # --------------------------------------------------------------------------- as a named method
 
 
-class KVEmbedding:
+class Templated:
+    """A method with a document and a query template and one token view per text (`template`,
+    `query_template` set by the subclass): KVEmbedding and the single-prompt baselines."""
+
+    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
+        template = self.query_template if prompt_name == "query" else self.template
+        return [encode_text(tokenizer, text, template, max_length)]
+
+
+class KVEmbedding(Templated):
     """The method as the encoder sees it: texts -> token views (`prepare`), padded views -> vectors (`embed`).
 
     Every method (baselines.py too) has this shape, so all of them share one batcher, one decoder and one
@@ -272,10 +281,6 @@ class KVEmbedding:
         return dict(method=self.name, layers=list(self.layers), bias=self.bias, rope_mode=self.rope_mode,
                     passes=self.passes, pooling=self.pooling, normalize=self.normalize,
                     template=self.template, query_template=self.query_template)
-
-    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
-        template = self.query_template if prompt_name == "query" else self.template
-        return [encode_text(tokenizer, text, template, max_length)]
 
     def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn) -> Tensor:
         batch = collate_fn([v[0].ids for v in views])

@@ -21,30 +21,11 @@ import time
 import warnings
 from pathlib import Path
 
+from kvembed.cli import parse_layers, switches_from_args
+
 from .tasks import REPO_ROOT, default_data_dir
 
 DTYPES = ("float32", "bfloat16", "float16")
-
-
-def parse_layers(value: str):
-    """`auto` / `none` / `all` / `3,4,5` / `3-5` / `3+4+5` -> the encoder's `layers` switch."""
-    value = value.strip()
-    if value in ("auto", "none", "all"):
-        return value
-    out = []
-    try:
-        for part in value.replace("+", ",").split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out += list(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--layers {value!r}: use auto, none, all, or layer indices like 3,4,5 or 3-5") from None
-    if not out:
-        raise argparse.ArgumentTypeError(f"--layers {value!r}: no layer index given")
-    return out
 
 
 _SWITCH_TYPES = {"bias": float, "passes": int, "layers": parse_layers, "rope_mode": str, "pooling": str,
@@ -105,13 +86,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def common_switches(args) -> dict:
-    sw = {}
-    for key in ("layers", "bias", "rope_mode", "passes", "pooling", "template", "max_length"):
-        if getattr(args, key, None) is not None:
-            sw[key] = getattr(args, key)
-    if getattr(args, "no_normalize", False):
-        sw["normalize"] = False
-    return sw
+    return switches_from_args(args)
 
 
 def method_list(args) -> list[tuple[str, str, dict]]:
