@@ -1,0 +1,179 @@
+"""File plumbing shared by every floor: the cache folder, hashing, atomic writes, reading texts.
+
+Standard library only (no torch), so that `weights_loader` and the face can both import it without pulling
+in the model or the user API.
+
+    cache_root()               $KVEMBED_CACHE, else ~/.cache/kvembed: models, layer selections, eval cache
+    sha256_file / sha256_bytes hex digests
+    atomic_write(path, data)   the file is absent, old, or complete: never half-written
+    atomic_output(path)        the same, for writers that stream (np.save, json lines)
+    read_texts(path, ...)      a .txt (one text per line) or .jsonl (a field per object), with line numbers
+
+Reading rules, the same for every command: the suffix decides the format, case-insensitively (`.JSONL` is
+JSON lines); a UTF-8 byte-order mark is dropped; `\\n`, `\\r\\n` and a lone `\\r` all end a line; invalid
+UTF-8 is an error naming the line. In a text file every line is a text, a blank one too (an empty text
+embeds like any other); in JSON lines a blank line holds no object and is skipped (its number is kept).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+CACHE_ENV = "KVEMBED_CACHE"
+TMP_MARK = ".tmp-"
+BOM = "\ufeff"
+JSONL_SUFFIXES = (".jsonl", ".ndjson")
+TEXT_SUFFIXES = (".txt", ".text", ".tsv", ".csv", "")
+
+
+class TextFileError(ValueError):
+    """A text or JSONL input cannot be read as asked: the message names the file and the line."""
+
+
+def cache_root() -> Path:
+    """kvembed's cache folder: $KVEMBED_CACHE, else ~/.cache/kvembed (never inside the installed package)."""
+    return Path(os.environ.get(CACHE_ENV) or "~/.cache/kvembed").expanduser()
+
+
+# ------------------------------------------------------------------------------------------ hashing
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# ------------------------------------------------------------------------------------ atomic writes
+
+
+def tmp_name(path: Path) -> Path:
+    """A temporary sibling of `path`, unique per process, that `remove_stale_tmp`-style sweeps recognise."""
+    return path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_output(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = True, encoding: str | None = None):
+    """Open a temporary sibling of `path` for writing; on success it replaces `path`, on failure it is removed.
+
+    `os.replace` is atomic on POSIX, so a reader (or a crash) sees the old file or the whole new one. Without
+    fsync, a power loss after the rename can leave the new name pointing at empty blocks.
+    """
+    path = Path(path)
+    tmp = tmp_name(path)
+    try:
+        with open(tmp, mode, encoding=encoding) as f:
+            yield f
+            f.flush()
+            if fsync:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = True) -> None:
+    """Write `data` to `path` so that `path` is either absent, old, or complete — never partial."""
+    if isinstance(data, str):
+        data = data.encode("utf-8")
+    with atomic_output(path, "wb", fsync=fsync) as f:
+        f.write(data)
+
+
+# ------------------------------------------------------------------------------------- reading texts
+
+
+def is_jsonl(path: str | os.PathLike) -> bool:
+    return Path(path).suffix.lower() in JSONL_SUFFIXES
+
+
+def iter_lines(path: str | os.PathLike):
+    """(line number from 1, decoded line without its end) for every line of `path`; raw bytes on bad UTF-8.
+
+    A lone `\\r` ends a line like `\\n` (old Mac files would otherwise be one giant text), and a BOM at the
+    start of the file is not part of the first line.
+    """
+    with open(path, "rb") as f:
+        data = f.read()
+    if data.startswith(BOM.encode("utf-8")):
+        data = data[3:]
+    # Split on \r\n, \r and \n only: str.splitlines would also split on \x0b, \x1c, U+2028 ... inside texts.
+    lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()  # the newline that ends the last line does not start another
+    for n, raw in enumerate(lines, start=1):
+        try:
+            yield n, raw.decode("utf-8")
+        except UnicodeDecodeError as e:
+            yield n, e
+
+
+@dataclass
+class Texts:
+    """What `read_texts` found: texts in file order, the line each came from, and the lines left out."""
+
+    texts: list[str] = field(default_factory=list)
+    lines: list[int] = field(default_factory=list)
+    # (line number, reason) of unreadable lines left out under skip_bad
+    skipped: list[tuple[int, str]] = field(default_factory=list)
+    # line numbers of blank JSON lines (no object, so no text)
+    blank: list[int] = field(default_factory=list)
+
+
+def parse_jsonl_line(line: str, field_name: str) -> str:
+    """The string at `field_name` of one JSON-lines object, or ValueError saying what is wrong."""
+    obj = json.loads(line)
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    if field_name not in obj:
+        raise ValueError(f"no {field_name!r} field (fields: {sorted(obj)[:8]})")
+    text = obj[field_name]
+    if not isinstance(text, str):
+        raise ValueError(f"{field_name!r} is {type(text).__name__}, not a string")
+    return text
+
+
+def read_texts(path: str | os.PathLike, field_name: str = "text", *, skip_bad: bool = False,
+               hint: str = "fix it or pass --skip-bad-lines") -> Texts:
+    """Texts of a `.jsonl` file (the string `field_name` of each object) or a text file (one text per line).
+
+    A `.json` file is refused (an array is not one text per line: convert it to JSON lines). A bad line
+    raises TextFileError naming file and line, unless `skip_bad`, which leaves it out and records it.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise TextFileError(f"input file {p} does not exist (or is not a file)")
+    suffix = p.suffix.lower()
+    if suffix == ".json":
+        raise TextFileError(f"{p}: a .json file is not read as texts (an array is not one text per line); "
+                            "write one JSON object per line to a .jsonl file, or one text per line to a .txt file")
+    jsonl = suffix in JSONL_SUFFIXES
+    out = Texts()
+    for n, line in iter_lines(p):
+        try:
+            if isinstance(line, UnicodeDecodeError):
+                raise ValueError(f"invalid UTF-8 ({line.reason} at byte {line.start})")
+            if jsonl and not line.strip():
+                out.blank.append(n)
+                continue
+            text = parse_jsonl_line(line, field_name) if jsonl else line
+        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            if not skip_bad:
+                raise TextFileError(f"{p}:{n}: unreadable line ({e}); {hint}") from None
+            out.skipped.append((n, str(e)))
+            continue
+        out.texts.append(text)
+        out.lines.append(n)
+    return out
