@@ -1,15 +1,31 @@
-"""kvembed: training-free text embeddings from frozen decoder-only LLMs by KV re-routing (KV-Embedding)."""
+"""kvembed: training-free text embeddings from frozen decoder-only LLMs by KV re-routing (KV-Embedding).
 
-from .encoder import KVEmbedder
+The names below are imported on first use, so that `import kvembed.model` (or `weights_loader`, which
+imports `kvembed.config`) does not pull in the user API: the floors of the package stay separate.
+"""
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
+
+_LAZY = {
+    "KVEmbedder": ("kvembed.encoder", "KVEmbedder"),
+    "Switches": ("kvembed.switches", "Switches"),
+    "load_corpus_embeddings": ("kvembed.scale.manifest", "load_corpus_embeddings"),
+    "to_sentence_transformer": ("kvembed.st", "to_sentence_transformer"),
+}
+
+__all__ = [*_LAZY, "__version__"]
 
 
-def load_corpus_embeddings(outdir):
-    """ids and a memory-mapped (N, dim) matrix in input order, from `kvembed embed-corpus` output."""
-    from .corpus import load_corpus_embeddings as _load
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'kvembed' has no attribute {name!r}")
+    import importlib
 
-    return _load(outdir)
+    module, attr = _LAZY[name]
+    value = getattr(importlib.import_module(module), attr)
+    globals()[name] = value  # later lookups skip this function
+    return value
 
 
-__all__ = ["KVEmbedder", "load_corpus_embeddings", "__version__"]
+def __dir__():
+    return sorted([*globals(), *_LAZY])
