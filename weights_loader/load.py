@@ -70,9 +70,11 @@ def load_model(
     revision: str | None = None,
     cache_dir: str | os.PathLike | None = None,
 ) -> LoadedModel:
-    """Load a model by local folder, .gguf file, or hub id (cache first); None loads the default model.
+    """Load a model by local folder, .gguf file, named model (named_models.py) or hub id (cache first); None
+    loads the default model.
 
-    `cache_dir` overrides the hub cache location (default: $HF_HUB_CACHE, $HF_HOME/hub, huggingface_hub's own).
+    `cache_dir` overrides the hub cache location (default: $HF_HUB_CACHE, $HF_HOME/hub, huggingface_hub's own);
+    named models live under $KVEMBED_CACHE.
     """
     if dtype not in FLOAT_DTYPES:
         raise ValueError(
