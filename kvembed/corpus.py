@@ -289,10 +289,18 @@ def run(args) -> int:
                      part_size=args.part_size, batch_size=args.batch_size, id_field=args.id_field,
                      text_field=args.text_field, skip_bad_lines=args.skip_bad_lines, rank=rank, world_size=world,
                      log_every=args.log_every, quiet=args.quiet)
+        # Leave together: a rank that tears gloo down while rank 0 is still assembling can abort in gloo's
+        # worker threads at interpreter exit (SIGABRT after "[done]"), failing a job that did all its work.
+        barrier()
     finally:
-        if dist.is_initialized():
-            dist.destroy_process_group()
+        shutdown()
     return 0
+
+
+def shutdown() -> None:
+    """Destroy the process group on every exit path (success, error, Ctrl-C), while Python is fully alive."""
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def main(argv=None) -> int:
