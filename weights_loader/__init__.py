@@ -8,7 +8,14 @@
     WeightsError: every failure to find or read a checkpoint (subclasses in errors.py)
 """
 
-from .errors import CheckpointMismatchError, CorruptFileError, InvalidConfigError, ModelNotFoundError, WeightsError
+from .errors import (
+    CheckpointMismatchError,
+    CorruptFileError,
+    InvalidConfigError,
+    ModelNotFoundError,
+    WeightsError,
+    WheelDownloadError,
+)
 from .hub import resolve_model_path
 from .load import LoadedModel, load_model
 from .named_models import NAMED_MODELS
@@ -23,4 +30,5 @@ __all__ = [
     "CorruptFileError",
     "CheckpointMismatchError",
     "InvalidConfigError",
+    "WheelDownloadError",
 ]

