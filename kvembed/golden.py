@@ -11,6 +11,10 @@ the model fingerprint and the method's switches). A port to JAX/MLX/C++ feeds `i
     layer{l}.hidden               (B, T, C) each layer's output
     hidden                        (B, T, C) after the final RMSNorm
     embedding                     (B, C) the pooled, normalised embedding
+
+Only real tokens are part of the contract: positions after a row's last real token (right padding, see
+`attention_mask`) hold whatever this implementation computed there and are never pooled, so a port may put
+anything in them; `check_golden` compares real positions only.
 """
 
 from __future__ import annotations
@@ -42,7 +46,7 @@ class RecordingReRouting(ReRouting):
         if p is not None:
             self.record[f"layer{layer}.prefix_k"] = p.k
             self.record[f"layer{layer}.prefix_v"] = p.v
-            self.record[f"layer{layer}.prefix_mask"] = p.mask
+            self.record[f"layer{layer}.prefix_mask"] = p.extra_logit()
         return p
 
 
@@ -113,12 +117,26 @@ def check_golden(embedder, outdir, rtol: float = 1e-5) -> dict[str, float]:
         raise ValueError(f"golden tensors differ in names: missing {sorted(set(want) - set(got))[:5]}, "
                          f"extra {sorted(set(got) - set(want))[:5]}")
     errs = {}
+    real = want["attention_mask"].bool()  # (B, T)
     for k, w in want.items():
         g = got[k]
         if g.shape != w.shape:
             raise ValueError(f"golden {k}: shape {tuple(g.shape)} != {tuple(w.shape)}")
         if not w.is_floating_point():
             errs[k] = float((g != w).any())
-        else:
-            errs[k] = ((g.double() - w.double()).abs().max() / w.double().abs().max().clamp_min(1e-12)).item()
+            continue
+        keep = real_positions(w, real)
+        g, w = g.double()[keep], w.double()[keep]
+        errs[k] = ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
     return errs
+
+
+def real_positions(t: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """A bool mask over `t` selecting real-token positions: (B, T, C) or (B, H, T, D) tensors are cut to the
+    rows' real tokens; anything else (prefix slots, embeddings) is kept whole."""
+    B, T = real.shape
+    if t.dim() == 3 and t.shape[:2] == (B, T):
+        return real[:, :, None].expand_as(t)
+    if t.dim() == 4 and t.shape[0] == B and t.shape[2] == T:
+        return real[:, None, :, None].expand_as(t)
+    return torch.ones_like(t, dtype=torch.bool)

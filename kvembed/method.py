@@ -157,17 +157,13 @@ class ReRouting(Intervention):
             # Undo the rotation at last[b]: RoPE at position 0 is the identity, so this is the pre-RoPE key.
             cos, sin = qkv.cos[self.last][:, None, None], qkv.sin[self.last][:, None, None]  # (B, 1, 1, D)
             k_pre = unapply_rope(k_rot, cos, sin)
-        bias = torch.full((1, 1, 1, 1), self.bias, dtype=qkv.q.dtype, device=qkv.q.device)
         if self.rope_mode == "rotated":
-            return Prefix(k_rot, v, bias)
+            return Prefix(k_rot, v, self.bias)
         if self.rope_mode == "position0":
-            return Prefix(k_pre, v, bias)
-        # unrotated: the logit differs per row and cannot come from one shared key, so it goes into the
-        # prefix column of the additive mask and the key is zero (q . 0 = 0 leaves exactly that logit).
-        n_rep = qkv.q.shape[1] // k_pre.shape[1]
-        k_rep = k_pre.repeat_interleave(n_rep, dim=1)  # (B, Hq, 1, D)
-        logit = qkv.q_pre @ k_rep.transpose(-1, -2) / math.sqrt(qkv.q.shape[-1])  # (B, Hq, T, 1)
-        return Prefix(torch.zeros_like(k_pre), v, logit + bias)
+            return Prefix(k_pre, v, self.bias)
+        # unrotated: every row sees the slot at distance 0, i.e. logit q_pre[i] . k_pre / sqrt(D). No single key
+        # gives that to all rotated queries, so the slot's key is zero and the logit comes from the pre-RoPE pair.
+        return Prefix(torch.zeros_like(k_pre), v, self.bias, q2=qkv.q_pre, k2=k_pre)
 
 
 def capture_final_kv(model: Decoder, batch: Batch, layers) -> dict[int, tuple[Tensor, Tensor]]:

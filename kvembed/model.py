@@ -98,73 +98,152 @@ def unapply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------------------- attention
+#
+# Right padding is what makes the hot path mask-free: row b's real tokens are 0..last[b] and its pads come
+# after them, so a causal real query (i <= last[b]) never reaches a pad key. `is_causal=True` alone is then
+# exact for every real row; a pad row attends causally to whatever precedes it (finite, never pooled, never
+# seen by a real row). A mask is built only where the math needs one, as bool, at that point:
+#   - a sliding window shorter than the sequence (Mistral; some Qwen layers);
+#   - no causal mask at all (the `bidirectional` baseline): then pads must be hidden from every row.
 
 
 @dataclass
 class Prefix:
-    """Key/value slots prepended to one layer's attention.
+    """One key/value slot prepended to a layer's attention (KV-Embedding's slot 0), visible to every query row.
 
-    k, v:  (B, Hkv, P, D), repeated to the query heads like every other key.
-    mask:  additive logits for the prefix columns, 4-D and broadcastable to (B, Hq, T, P): the bias b, or
-           -inf to hide a slot. KV-Embedding's `unrotated` mode puts the whole prefix logit here (with a zero key).
+    Its logit for query row i is   (q_i . k + q2_i . k2) * scale + bias,   scale = 1/sqrt(D):
+
+    k, v    (B, Hkv, 1, D)  the slot's key, seen by the layer's (post-RoPE) queries, and its value
+    bias    float           added after scaling; -inf hides the slot, which is then exactly no prefix
+    q2, k2  (B, Hq, T, D) and (B, Hkv, 1, D), or None: a second query/key pair, for a logit the post-RoPE
+            queries cannot express with one shared key (`unrotated`: pre-RoPE q . pre-RoPE k, with k = 0)
     """
 
     k: Tensor
     v: Tensor
-    mask: Tensor
+    bias: float = 0.0
+    q2: Tensor | None = None
+    k2: Tensor | None = None
+
+    def extra_logit(self) -> Tensor:
+        """The logit terms besides q . k: `bias`, plus q2 . k2 * scale; (B, Hq, T, 1), or (1, 1, 1, 1) without q2."""
+        bias = torch.tensor(self.bias, dtype=torch.float32, device=self.k.device).view(1, 1, 1, 1)
+        if self.q2 is None:
+            return bias
+        n_rep = self.q2.shape[1] // self.k2.shape[1]
+        k2 = self.k2.float().repeat_interleave(n_rep, dim=1)  # (B, Hq, 1, D)
+        return self.q2.float() @ k2.transpose(-1, -2) / math.sqrt(self.q2.shape[-1]) + bias
 
 
-def _with_prefix(k: Tensor, v: Tensor, mask: Tensor, prefix: Prefix | None):
-    """Concatenate the prefix on the key axis and its logits on the mask's key axis: one mask [prefix | real]."""
-    if prefix is None:
-        return k, v, mask
-    B, _, T, _ = mask.shape
-    k = torch.cat((prefix.k.to(k.dtype), k), dim=2)  # (B, Hkv, P+T, D)
-    v = torch.cat((prefix.v.to(v.dtype), v), dim=2)  # (B, Hkv, P+T, D)
-    P = prefix.k.shape[2]
-    pmask = prefix.mask.to(mask.dtype)  # (B|1, 1|Hq, T|1, P)
-    heads = pmask.shape[1]
-    pmask = pmask.expand(B, heads, T, P)
-    mask = torch.cat((pmask, mask.expand(B, heads, T, mask.shape[-1])), dim=-1)  # (B, 1|Hq, T, P+T)
-    return k, v, mask
+def visible(T: int, device, *, causal: bool = True, window: int | None = None, key_padding: Tensor | None = None,
+            prefix: bool = False) -> Tensor | None:
+    """Bool mask, True where query i may read key j: (1|B, 1, T', T'), T' = T + prefix; None when none is needed.
 
-
-def attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: Prefix | None = None) -> Tensor:
-    """Scaled dot-product attention with an optional injected prefix, in one fused SDPA call.
-
-    q (B, Hq, T, D); k, v (B, Hkv, T, D); mask additive (B, 1, T, T) with 0 where visible and -inf elsewhere.
-    Returns (B, Hq, T, D).
+    window       key j is visible iff i - j < window (as transformers); None, or >= T, is no window
+    key_padding  (B, T) 1 on real tokens; hides pad keys when the attention is not causal (a causal real row
+                 never reaches one). A pad row keeps its own key, so no row is ever empty: every output is
+                 finite, and a NaN in a pad row cannot reach a real row through the next layer.
+    prefix       slot 0 is visible to every row; token t is then at index t + 1
     """
-    Hq, Hkv = q.shape[1], k.shape[1]
-    k, v, mask = _with_prefix(k, v, mask, prefix)
-    # SDPA's GQA path (enable_gqa) repeats heads inside the kernel, without materialising (B, Hq, T, D) copies.
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=Hq != Hkv)
-
-
-def attention_reference(q: Tensor, k: Tensor, v: Tensor, mask: Tensor, prefix: Prefix | None = None) -> Tensor:
-    """The same computation written out, with an explicit fp32 softmax: the twin the fast path is tested against."""
-    Hq, Hkv = q.shape[1], k.shape[1]
-    k, v, mask = _with_prefix(k, v, mask, prefix)
-    k = k.repeat_interleave(Hq // Hkv, dim=1).float()  # (B, Hq, P+T, D)
-    v = v.repeat_interleave(Hq // Hkv, dim=1).float()
-    scores = q.float() @ k.transpose(-1, -2) / math.sqrt(q.shape[-1]) + mask.float()  # (B, Hq, T, P+T)
-    return (scores.softmax(dim=-1) @ v).to(q.dtype)
-
-
-def build_mask(attention_mask: Tensor, dtype: torch.dtype, causal: bool = True, window: int | None = None) -> Tensor:
-    """Additive mask (B, 1, T, T): query i sees key j iff j is a real token, j <= i (causal) and i - j < window.
-
-    Right padding means a padded query row still sees the real keys before it, so no row is all -inf
-    (which would make SDPA return NaN); padded rows are never pooled.
-    """
-    B, T = attention_mask.shape
-    i = torch.arange(T, device=attention_mask.device)
-    visible = attention_mask.bool()[:, None, None, :].expand(B, 1, T, T)  # key padding
+    if window is not None and window >= T:
+        window = None
     if causal:
-        visible = visible & (i[None, :] <= i[:, None])
+        key_padding = None
+    if window is None and key_padding is None:
+        return None  # `is_causal` (or nothing) is exact, with or without a prefix in slot 0
+    n = T + int(prefix)
+    i = torch.arange(n, device=device)
+    ok = torch.ones(n, n, dtype=torch.bool, device=device)
+    if causal:
+        ok &= i[None, :] <= i[:, None]
     if window is not None:
-        visible = visible & (i[:, None] - i[None, :] < window)
-    return torch.zeros(B, 1, T, T, dtype=dtype, device=attention_mask.device).masked_fill(~visible, float("-inf"))
+        ok &= (i[:, None] - i[None, :]) < window
+    ok = ok[None, None]  # (1, 1, n, n)
+    if key_padding is not None:
+        keys = key_padding.bool()
+        if prefix:
+            keys = F.pad(keys, (1, 0), value=True)  # the slot is never padding
+        ok = ok & (keys[:, None, None, :] | torch.eye(n, dtype=torch.bool, device=device))  # (B, 1, n, n)
+    if prefix:
+        ok[..., 0] = True  # the slot stays visible whatever the window says
+    return ok
+
+
+def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
+              key_padding: Tensor | None = None, prefix: Prefix | None = None) -> Tensor:
+    """Scaled dot-product attention with an optional prefix slot, in one fused SDPA call and no dense mask.
+
+    q (B, Hq, T, D); k, v (B, Hkv, T, D) -> (B, Hq, T, D). Masks: see `visible` (None on the hot path).
+
+    The prefix rides inside the same causal call by an exact construction (docs/attention.md draws it):
+      - a dummy query row is put first, so under the ordinary top-left `is_causal` mask real row i (now i + 1)
+        sees exactly [slot, k_0 .. k_i], and the dummy row sees the slot alone (its output is dropped);
+      - the bias travels on one extra head-dim channel: queries carry 1 there, the slot's key bias / scale,
+        real keys 0; with the scale passed explicitly, q' . k' * scale = q . k * scale + bias on the slot
+        and q . k * scale elsewhere. `unrotated` adds D channels for q2 . k2 the same way;
+      - the channels are padded to a multiple of 8 (what fused GPU kernels take; free on CPU), with zeros,
+        which add nothing to any dot product, and v gets the same width so one kernel serves q, k and v.
+    """
+    Hq, Hkv, T, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
+    scale = 1.0 / math.sqrt(D)
+    gqa = Hq != Hkv  # SDPA repeats KV heads inside the kernel, without materialising (B, Hq, T, D) copies
+    if prefix is not None and prefix.bias == float("-inf"):
+        prefix = None  # exp(-inf) = 0: the slot would get exactly zero weight
+    if prefix is None:
+        mask = visible(T, q.device, causal=causal, window=window, key_padding=key_padding)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                              scale=scale, enable_gqa=gqa)
+    q, k, v = with_slot(q, k, v, prefix, scale)  # (B, H, T + 1, E)
+    mask = visible(T, q.device, causal=causal, window=window, key_padding=key_padding, prefix=True)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
+                                         enable_gqa=gqa)  # (B, Hq, T + 1, E)
+    return out[:, :, 1:, :D]
+
+
+def with_slot(q: Tensor, k: Tensor, v: Tensor, prefix: Prefix, scale: float) -> tuple[Tensor, Tensor, Tensor]:
+    """q, k, v with the dummy row / slot 0 prepended and the bias (and q2 . k2) channels appended, width E."""
+    B, Hq, T, D = q.shape
+    Hkv = k.shape[1]
+    extra = 0 if prefix.q2 is None else D
+    E = -(-(D + extra + 1) // 8) * 8  # D + extra + the bias channel, rounded up to a multiple of 8
+    qx = q.new_zeros(B, Hq, T + 1, E)  # row 0 is the dummy query: all zeros but its bias channel
+    qx[:, :, 1:, :D] = q
+    qx[:, :, :, D + extra] = 1.0
+    kx = k.new_zeros(B, Hkv, T + 1, E)
+    kx[:, :, :1, :D] = prefix.k.to(k.dtype)
+    kx[:, :, 1:, :D] = k
+    kx[:, :, 0, D + extra] = prefix.bias / scale
+    if extra:
+        qx[:, :, 1:, D:D + extra] = prefix.q2.to(q.dtype)
+        kx[:, :, :1, D:D + extra] = prefix.k2.to(k.dtype)
+    vx = v.new_zeros(B, Hkv, T + 1, E)
+    vx[:, :, :1, :D] = prefix.v.to(v.dtype)
+    vx[:, :, 1:, :D] = v
+    return qx, kx, vx
+
+
+def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
+                        key_padding: Tensor | None = None, prefix: Prefix | None = None) -> Tensor:
+    """The same computation from its definition, explicit logits and an fp32 softmax: the fast path's twin."""
+    B, Hq, T, D = q.shape
+    n_rep = Hq // k.shape[1]
+    qf = q.float()
+    kf = k.float().repeat_interleave(n_rep, dim=1)  # (B, Hq, T, D)
+    vf = v.float().repeat_interleave(n_rep, dim=1)
+    scores = qf @ kf.transpose(-1, -2) / math.sqrt(D)  # (B, Hq, T, T)
+    i, j = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)[None, :]
+    ok = (j <= i) if causal else torch.ones(T, T, dtype=torch.bool, device=q.device)
+    if window is not None:
+        ok = ok & (i - j < window)
+    if key_padding is not None and not causal:
+        ok = ok & (key_padding.bool()[:, None, None, :] | (i == j))  # pad keys hidden; a pad row keeps itself
+    scores = scores.masked_fill(~ok, float("-inf"))
+    if prefix is not None:
+        pk = prefix.k.float().repeat_interleave(n_rep, dim=1)  # (B, Hq, 1, D)
+        slot = qf @ pk.transpose(-1, -2) / math.sqrt(D) + prefix.extra_logit()  # (B, Hq, T, 1)
+        scores = torch.cat((slot, scores), dim=-1)  # (B, Hq, T, 1 + T)
+        vf = torch.cat((prefix.v.float().repeat_interleave(n_rep, dim=1), vf), dim=2)  # (B, Hq, 1 + T, D)
+    return (scores.softmax(dim=-1) @ vf).to(q.dtype)
 
 
 @dataclass
@@ -204,7 +283,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(D, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
 
-    def forward(self, x, cos, sin, mask, layer: int, intervention: Intervention | None):
+    def forward(self, x, cos, sin, masks: dict, layer: int, intervention: Intervention | None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
@@ -216,7 +295,7 @@ class Attention(nn.Module):
         prefix = None
         if intervention is not None:
             prefix = intervention.prefix(layer, QKV(q_pre, k_pre, q, k, v, cos, sin))
-        out = attention(q, k, v, mask, prefix)  # (B, Hq, T, D)
+        out = attention(q, k, v, prefix=prefix, **masks)  # (B, Hq, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, Hq*D)
         return self.o_proj(out), k, v
 
@@ -243,8 +322,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, mask, intervention):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, mask, self.layer, intervention)
+    def forward(self, x, cos, sin, masks: dict, intervention):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, masks, self.layer, intervention)
         h = x + a
         return h + self.mlp(self.post_attention_layernorm(h)), k, v
 
@@ -284,14 +363,14 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         h = self.embed_tokens(input_ids)  # (B, T, C)
         cos, sin = self.rope(T, h.device)
-        full = build_mask(attention_mask, h.dtype, causal)
-        window = self.args.sliding_window
-        sliding = build_mask(attention_mask, h.dtype, causal, window) if window is not None else full
+        # Causal attention needs no mask under right padding (see `visible`); without causality, pads are hidden.
+        masks = dict(causal=causal, key_padding=None if causal else attention_mask)
+        sliding = dict(masks, window=self.args.sliding_window)
         layer_outputs, kv = [], []
         for block in self.layers:
             if intervention is not None:
                 h = intervention.edit(block.layer, h)
-            h, k, v = block(h, cos, sin, sliding if block.sliding else full, intervention)
+            h, k, v = block(h, cos, sin, sliding if block.sliding else masks, intervention)
             if output_hidden_states:
                 layer_outputs.append(h)
             if output_kv:
