@@ -196,6 +196,10 @@ def _fold_rope(cfg: dict[str, Any]) -> tuple[float, dict | None]:
 def _fold_sliding_window(cfg: dict[str, Any], model_type: str, n_layers: int) -> tuple[int | None, tuple[str, ...]]:
     """Which layers attend through a sliding window, and how wide it is."""
     window = cfg.get("sliding_window")
+    if model_type == "llama":
+        # transformers' Llama has no sliding window and ignores the key (some converters write one): a llama
+        # config that carries it must not change what the model computes.
+        window = None
     if model_type in ("qwen2", "qwen3"):
         # Qwen configs carry a sliding_window value even when it is switched off.
         if not cfg.get("use_sliding_window", False):
@@ -216,6 +220,8 @@ def _fold_sliding_window(cfg: dict[str, Any], model_type: str, n_layers: int) ->
     unknown = set(layer_types) - {"full_attention", "sliding_attention"}
     if unknown:
         raise ConfigError(f"config.json: layer_types has unsupported entries {sorted(unknown)}")
+    if model_type == "llama":
+        return None, ("full_attention",) * n_layers  # as transformers: layer_types cannot slide a llama either
     if "sliding_attention" in layer_types and window is None:
         raise ConfigError("config.json: layer_types asks for sliding_attention but sliding_window is not set")
     if window is not None and "sliding_attention" not in layer_types:

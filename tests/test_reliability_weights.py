@@ -86,7 +86,7 @@ def test_mixed_float_dtypes_are_cast_not_rejected(ckpt):
         ({"num_key_value_heads": 3}, ["num_attention_heads=4", "num_key_value_heads=3"]),
         ({"head_dim": 15}, ["head_dim=15", "even"]),
         ({"layer_types": ["full_attention"] * 3}, ["layer_types has 3 entries", "num_hidden_layers=4"]),
-        ({"layer_types": ["sliding_attention"] * 4}, ["sliding_attention", "sliding_window"]),
+        ({"model_type": "mistral", "layer_types": ["sliding_attention"] * 4}, ["sliding_attention", "sliding_window"]),
         ({"hidden_act": "gelu"}, ["hidden_act='gelu'"]),
         ({"rope_parameters": {"rope_type": "llama3", "factor": 8.0, "rope_theta": 1e4}},
          ["llama3", "low_freq_factor"]),
