@@ -21,6 +21,7 @@ import numpy as np
 import pytest
 
 from tests import tiny
+from tests.tolerance import assert_close, decoder_drift
 
 ROOT = Path(__file__).resolve().parents[1]
 N_TEXTS, PART, BATCH = 300, 32, 8  # 10 parts: rank 0 of 2 owns 0,2,4,6,8; rank 1 owns 1,3,5,7,9
@@ -97,12 +98,14 @@ def test_two_ranks_equal_one_process_bit_for_bit(setup, single):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["world_size"] == 2 and [r["parts_computed"] for r in summary["ranks"]] == [5, 5]
 
-    # Input order and real embeddings: the same texts through the in-process API. Batches differ
-    # (padding length, thread count), so equal up to fp32 rounding: 1e-5 on unit vectors.
+    # Input order and real embeddings: the same texts through the in-process API. Batches differ (padding
+    # length, thread count), which reorders sums over C, I, Hq*D and the T keys plus the prefix slot.
     ids, matrix = load_corpus_embeddings(out, verify=True)
     assert ids == [f"d{i}" for i in range(N_TEXTS)]
     emb = KVEmbedder.from_pretrained(str(root / "ckpt"), layers=[1, 2])
-    np.testing.assert_allclose(matrix, emb.encode(corpus_texts(), prompt_name="document"), rtol=0, atol=1e-5)
+    T = max(len(emb.method.prepare(emb.tokenizer, t, "document", None)[0].ids) for t in corpus_texts())
+    want = emb.encode(corpus_texts(), prompt_name="document")
+    assert_close(matrix, want, decoder_drift(emb.args, T + 1), "two ranks vs the in-process API")
 
 
 def test_killed_rank_then_rerun_reuses_committed_parts(setup, single):

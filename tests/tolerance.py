@@ -16,8 +16,11 @@ that into a false failure (it did: batched vs one-by-one states, 1 element of 15
 
     tol = drift(torch.float32, terms=C, depth=L)          # a relative bound
     assert_close(got, want, tol, "layer outputs")          # |got - want|max <= tol * |want|max
+    assert_differ(a, b, tol, "re-routing changes it")     # the change a sameness check guards against
 
-Bit-for-bit claims (world sizes, reruns, determinism) are not tolerances: they compare with ==.
+A decoder's longest sum is over C, the MLP width, the concatenated heads or the T keys of a softmax, one such
+step per layer: `decoder_drift(args, T)` spells that once. Bit-for-bit claims (world sizes, reruns,
+determinism) are not tolerances: they compare with ==.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ UNIT_ROUNDOFF = {
     torch.bfloat16: 2.0 ** -8,
 }
 LAMBDA = 6.0
+# How far a "these differ" check must sit above the sameness bound it backs: the effect a sameness check
+# guards against (re-routing, a layer more, a bias) must dwarf rounding, or a broken variant could pass it.
+MARGIN = 100.0
 
 
 def unit_roundoff(dtype) -> float:
@@ -53,10 +59,27 @@ def drift(dtype, terms: int, depth: int = 1, gain: float = 1.0) -> float:
     return LAMBDA * math.sqrt(terms) * unit_roundoff(dtype) * depth * gain
 
 
+def decoder_drift(args, tokens: int, layers: int | None = None, dtype=torch.float32, gain: float = 1.0) -> float:
+    """drift() through `layers` (default: all) layers of the decoder `args` (a ModelArgs) on rows of <= `tokens`."""
+    terms = max(args.hidden_size, args.intermediate_size, args.num_attention_heads * args.head_dim, tokens)
+    return drift(dtype, terms, args.num_hidden_layers if layers is None else layers, gain)
+
+
+def norm_gain(x) -> float:
+    """`gain` of a per-row normalisation (a final RMSNorm) applied to `x` (..., C): it divides each row by its RMS,
+    which raises a quiet row's error, measured against the loudest row, by the ratio of the two RMS."""
+    rms = _f64(x).pow(2).mean(-1).sqrt()
+    return (rms.max() / rms.min()).item()
+
+
+def _f64(x) -> torch.Tensor:
+    # np.array copies: reversed views and read-only buffers (np.load, torch outputs) convert cleanly.
+    return x.detach().cpu().double() if isinstance(x, torch.Tensor) else torch.from_numpy(np.array(x, dtype=np.float64))
+
+
 def max_rel_err(got, want) -> float:
     """max |got - want| / max |want|, in float64."""
-    g = torch.as_tensor(np.asarray(got) if not isinstance(got, torch.Tensor) else got).double()
-    w = torch.as_tensor(np.asarray(want) if not isinstance(want, torch.Tensor) else want).double()
+    g, w = _f64(got), _f64(want)
     scale = w.abs().max().item()
     return (g - w).abs().max().item() / (scale if scale > 0 else 1.0)
 
@@ -66,3 +89,10 @@ def assert_close(got, want, tol: float, what: str = "") -> None:
     assert tuple(np.shape(got)) == tuple(np.shape(want)), f"{what}: shape {np.shape(got)} != {np.shape(want)}"
     err = max_rel_err(got, want)
     assert err <= tol, f"{what}: max relative error {err:.3g} > bound {tol:.3g}"
+
+
+def assert_differ(a, b, tol: float, what: str = "", margin: float = MARGIN) -> None:
+    """|a - b|max > margin * tol * |b|max: the change a sameness check at `tol` guards against stands far above
+    rounding, so that check can fail."""
+    err = max_rel_err(a, b)
+    assert err > margin * tol, f"{what}: max relative difference {err:.3g} <= {margin:g} x bound {tol:.3g}"
