@@ -8,7 +8,7 @@ __version__ = "0.2.0"
 
 _LAZY = {
     "KVEmbedder": ("kvembed.encoder", "KVEmbedder"),
-    "Switches": ("kvembed.switches", "Switches"),
+    "SWITCHES": ("kvembed.switches", "SWITCHES"),
     "load_corpus_embeddings": ("kvembed.scale.manifest", "load_corpus_embeddings"),
     "to_sentence_transformer": ("kvembed.st", "to_sentence_transformer"),
 }

@@ -1,8 +1,9 @@
 """The other training-free embedding methods (SPEC §2), on the same decoder, tokens and kernels.
 
-Each baseline has KVEmbedding's shape (method.py): `name`, `config()`, `prepare(tokenizer, text, prompt_name,
-max_length) -> list[Encoded]` (one or more token views of a text) and `embed(model, views, collate_fn) -> (B, C)`.
-Notation as in model.py: B texts, T tokens (right-padded), C width, L layers; `last[b]` = final real token.
+Each is a `Method` (method.py): an immutable value whose fields are its switches (switches.py), with
+`prepare` (text -> token views) and `embed` (padded views -> vectors). Notation as in model.py: B texts,
+T tokens (right-padded), C width, L layers. docs/baselines.md lists, for each, the authors' reference code and
+what we match: template, clean-up, special tokens, the tokens and the layer pooled.
 
     mean, last         raw text; mean / final-token pooling
     prompteol          Jiang et al. 2023: `This sentence : "{text}" means in one word:"`, final token
@@ -10,74 +11,74 @@ Notation as in model.py: B texts, T tokens (right-padded), C width, L layers; `l
     echo               Springer et al. 2024: the text twice, mean over the second copy's tokens only
     token_prepending   Fu et al., ACL 2025: PromptEOL with a placeholder before the text whose state, in
                        layers 1..k, is overwritten by the previous layer's final-token state
-    bidirectional      the KV-Embedding prompt with the causal mask removed, hybrid pooling, no re-routing
+    bidirectional      the causal mask removed (key padding kept)
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from .method import (DOCUMENT_TEMPLATE, POOLINGS, QUERY_TEMPLATE, RAW_TEMPLATE, Encoded, Templated,
-                     check_template, encode_text, pool)
+from .method import (DOCUMENT_TEMPLATE, QUERY_TEMPLATE, RAW_TEMPLATE, Encoded, KVEmbedding, Method, Templated,
+                     check_template, encode_text, pool, set_field)
 from .model import Decoder, Intervention
+from .switches import SwitchError, check_choice
 
 
-def check_pooling(pooling: str, allowed=POOLINGS) -> str:
-    if pooling not in allowed:
-        raise ValueError(f"pooling={pooling!r}: choose one of {', '.join(allowed)}")
-    return pooling
-
-
-@dataclass
-class Marked(Encoded):
-    """An Encoded view with a token span [start, end) the method needs: echo's second copy, TP's placeholder."""
-
-    span: tuple[int, int] = (0, 0)
+def clean_text(text: str) -> str:
+    """The reference scripts' clean-up before filling the prompt, in their order (kongds/scaling_sentemb
+    evaluation.py l.198-200; the same lines in MetaEOL's and Token Prepending's): a final '.' unless the text
+    ends in . ? " or '; every double quote becomes a single one (it would close the template's quote); a final
+    '?' becomes '.'."""
+    if text and text[-1] not in ".?\"'":
+        text += "."
+    text = text.replace('"', "'")
+    if text and text[-1] == "?":
+        text = text[:-1] + "."
+    return text
 
 
 # ------------------------------------------------------------------ one prompt, one pass, one pool
 
 
+@dataclass(frozen=True)
 class Prompted(Templated):
-    """A template, one forward pass, `method.pool`: the shape shared by mean, last, prompteol, bidirectional."""
+    """A template, one forward pass, `method.pool`: mean, last, prompteol, bidirectional."""
 
-    name = ""
-    default_template = RAW_TEMPLATE
-    default_query_template: str | None = None  # None: queries use the document template (a symmetric method)
-    default_pooling = "last"
-    causal = True
+    CAUSAL: ClassVar[bool] = True
+    POOLINGS: ClassVar[tuple[str, ...]] = ("hybrid", "mean", "last", "text")
 
-    def __init__(self, *, pooling: str | None = None, normalize: bool = True, template: str | None = None,
-                 query_template: str | None = None):
-        self.pooling = check_pooling(pooling or self.default_pooling)
-        self.normalize = bool(normalize)
-        if template == "none":  # as in KVEmbedding: the raw text, for documents and queries alike
-            template = query_template = RAW_TEMPLATE
-        self.template = check_template(template or self.default_template)
-        self.query_template = check_template(query_template or self.default_query_template or self.template)
+    pooling: str = "last"
 
-    def config(self) -> dict:
-        return dict(method=self.name, pooling=self.pooling, normalize=self.normalize, causal=self.causal,
-                    template=self.template, query_template=self.query_template)
-
-    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn) -> Tensor:
-        batch = collate_fn([v[0].ids for v in views])
-        out = model(batch.input_ids, batch.attention_mask, causal=self.causal)
-        return pool(out.hidden, batch.attention_mask, self.pooling, self.normalize)
+    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
+        batch = collate_fn([v[0] for v in views])
+        out = model(batch.input_ids, batch.attention_mask, causal=self.CAUSAL)
+        return pool(out.hidden, batch.attention_mask, self.pooling, self._normalize(normalize), batch.span)
 
 
+@dataclass(frozen=True)
+class Cleaned(Prompted):
+    """A prompted method whose reference code cleans the text up before filling its template (`cleanup`)."""
+
+    cleanup: bool = False
+
+    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
+        return super().prepare(tokenizer, clean_text(text) if self.cleanup else text, prompt_name, max_length)
+
+
+@dataclass(frozen=True)
 class Mean(Prompted):
-    name = "mean"
-    default_pooling = "mean"
+    name: ClassVar[str] = "mean"
+    pooling: str = "mean"
 
 
+@dataclass(frozen=True)
 class Last(Prompted):
-    name = "last"
-    default_pooling = "last"
+    name: ClassVar[str] = "last"
+    pooling: str = "last"
 
 
 # Jiang et al. 2023 (PromptEOL); the open quote at the end is part of their prompt: the next token would be
@@ -85,19 +86,21 @@ class Last(Prompted):
 PROMPTEOL_TEMPLATE = 'This sentence : "{text}" means in one word:"'
 
 
-class PromptEOL(Prompted):
-    name = "prompteol"
-    default_template = PROMPTEOL_TEMPLATE
+@dataclass(frozen=True)
+class PromptEOL(Cleaned):
+    name: ClassVar[str] = "prompteol"
+    DEFAULT_TEMPLATE: ClassVar[str] = PROMPTEOL_TEMPLATE
 
 
+@dataclass(frozen=True)
 class Bidirectional(Prompted):
-    """KV-Embedding's prompt and hybrid pooling with every token seeing every other: the paper reports this hurts."""
+    """Every token sees every other (pads hidden): the paper reports that removing the causal mask hurts."""
 
-    name = "bidirectional"
-    default_template = DOCUMENT_TEMPLATE
-    default_query_template = QUERY_TEMPLATE
-    default_pooling = "hybrid"
-    causal = False
+    name: ClassVar[str] = "bidirectional"
+    CAUSAL: ClassVar[bool] = False
+    DEFAULT_TEMPLATE: ClassVar[str] = DOCUMENT_TEMPLATE
+    DEFAULT_QUERY_TEMPLATE: ClassVar[str] = QUERY_TEMPLATE
+    pooling: str = "hybrid"
 
 
 # ------------------------------------------------------------------------------------- MetaEOL
@@ -132,109 +135,89 @@ METAEOL_TEMPLATES = (
 )
 
 
-class MetaEOL:
-    """One view per meta-task prompt; the final-token states of the views are averaged, then normalised.
+@dataclass(frozen=True)
+class MetaEOL(Method):
+    """One view per meta-task prompt; the final-token states of the views are averaged (raw, as the authors do:
+    normalising each prompt first would weigh them differently), then normalised.
 
-    No `template` attribute on purpose: the prompts are the method, so a per-call prompt cannot replace them.
+    The prompts are the method, so there is no template switch and a per-call prompt cannot replace them.
     """
 
-    name = "metaeol"
+    name: ClassVar[str] = "metaeol"
+    TEMPLATES: ClassVar[tuple[str, ...]] = METAEOL_TEMPLATES
+    POOLINGS: ClassVar[tuple[str, ...]] = ("last", "mean", "hybrid", "text")
 
-    def __init__(self, *, pooling: str = "last", normalize: bool = True, templates=None):
-        self.pooling = check_pooling(pooling)
-        self.normalize = bool(normalize)
-        self.templates = tuple(check_template(t) for t in (templates or METAEOL_TEMPLATES))
+    pooling: str = "last"
+    cleanup: bool = False
+
+    def __post_init__(self):
+        check_choice("metaeol pooling", self.pooling, self.POOLINGS)
 
     def config(self) -> dict:
-        return dict(method=self.name, pooling=self.pooling, normalize=self.normalize, templates=list(self.templates))
+        return {**super().config(), "templates": list(self.TEMPLATES)}  # the prompts change the output too
 
     def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
-        return [encode_text(tokenizer, text, t, max_length) for t in self.templates]
+        text = clean_text(text) if self.cleanup else text
+        return [encode_text(tokenizer, text, t, max_length) for t in self.TEMPLATES]
 
-    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn) -> Tensor:
-        B, P = len(views), len(self.templates)
+    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
+        B, P = len(views), len(self.TEMPLATES)
         if any(len(v) != P for v in views):
             raise ValueError(f"metaeol expects {P} views per text (one per prompt), got {[len(v) for v in views]}")
-        batch = collate_fn([e.ids for v in views for e in v])  # B*P rows, text-major
+        batch = collate_fn([e for v in views for e in v])  # B*P rows, text-major
         out = model(batch.input_ids, batch.attention_mask)
-        e = pool(out.hidden, batch.attention_mask, self.pooling, normalize=False)  # (B*P, C)
-        # The authors average the raw states; normalising each prompt first would weigh them differently.
+        e = pool(out.hidden, batch.attention_mask, self.pooling, False, batch.span)  # (B*P, C)
         e = e.view(B, P, -1).mean(1)  # (B, C)
-        return F.normalize(e, dim=-1) if self.normalize else e
+        return torch.nn.functional.normalize(e, dim=-1) if self._normalize(normalize) else e
 
 
 # ---------------------------------------------------------------------------------------- Echo
 
-# jakespringer/echo-embeddings' templates, without its explicit <s> (our tokenizers add their own special
-# tokens) and without its trailing `{</s>}` piece (our prompts never append an end-of-sequence token).
+# The paper's training-free template (Springer et al. 2024, §3; the exact punctuation from the author's answer in
+# jakespringer/echo-embeddings issue #8): one space after each colon, a '.' after the first copy, no final period.
+ECHO_PAPER_TEMPLATE = "Rewrite the following paragraph: {text}. The rewritten paragraph: {text}"
+# The repository's templates (made for its fine-tuned model), as we used to run them: without its explicit <s>
+# (our tokenizers add their own), its </s> piece and its query Instruct line, tokenized as one string.
 ECHO_DOCUMENT_TEMPLATE = "Document:{text}\nDocument again:{text}"
 ECHO_QUERY_TEMPLATE = "Query:{text}\nQuery again:{text}"
+ECHO_TEMPLATES = {"paper": (ECHO_PAPER_TEMPLATE, ECHO_PAPER_TEMPLATE),
+                  "repo": (ECHO_DOCUMENT_TEMPLATE, ECHO_QUERY_TEMPLATE)}
 
 
-def last_copy_span(enc: Encoded, template: str) -> tuple[int, int]:
-    """Token indices [start, end) of the last `{text}` copy in `enc.prompt`, from the character offsets.
+@dataclass(frozen=True)
+class Echo(Templated):
+    """The text twice; pooled over the second copy (pooling "text": its mean, "last": its final token), which
+    has read the whole first copy. template "paper" (the zero-shot one) or "repo", or any string with two
+    {text} slots."""
 
-    The reference tokenizes each template piece separately, so its pooled tokens are exactly the text's own.
-    We tokenize the prompt once (SPEC §1.1), so a token may straddle the seam (byte-level BPE can merge `:"`);
-    every token that overlaps the copy's characters is taken, so no character of the text is left out. Where
-    nothing straddles (the usual case) this is the reference's span exactly.
-    """
-    pieces = template.split("{text}")
-    copies = len(pieces) - 1
-    # encode_text may have cut the text: every copy is cut equally, so the prompt's length tells how much is left.
-    n = (len(enc.prompt) - sum(len(p) for p in pieces)) // copies
-    start_char = sum(len(p) for p in pieces[:-1]) + n * (copies - 1)
-    end_char = start_char + n
-    inside = [i for i, (a, b) in enumerate(enc.offsets) if b > a and a < end_char and b > start_char]
-    if not inside:
-        # Empty (or entirely cut) text: the reference would pool nothing and return zeros; the final token is a
-        # usable vector instead of one with no direction.
-        return len(enc.ids) - 1, len(enc.ids)
-    return inside[0], inside[-1] + 1
+    name: ClassVar[str] = "echo"
+    POOLINGS: ClassVar[tuple[str, ...]] = ("text", "last")
 
+    template: str | None = "repo"
+    pooling: str = "text"
 
-class Echo:
-    """The text twice; mean (or last) over the tokens of the second copy, which has read the whole first copy."""
+    def __post_init__(self):
+        if self.template in ECHO_TEMPLATES:
+            document, query = ECHO_TEMPLATES[self.template]
+            set_field(self, "template", document)
+            set_field(self, "query_template", self.query_template or query)
+        super().__post_init__()
 
-    name = "echo"
-
-    def __init__(self, *, pooling: str = "mean", normalize: bool = True, template: str | None = None,
-                 query_template: str | None = None):
-        self.pooling = check_pooling(pooling, ("mean", "last"))
-        self.normalize = bool(normalize)
-        self.template = self.check(template or ECHO_DOCUMENT_TEMPLATE)
-        self.query_template = self.check(query_template or (template or ECHO_QUERY_TEMPLATE))
-
-    @staticmethod
-    def check(template: str) -> str:
+    def check_template(self, template: str) -> str:
         check_template(template)
         if template.count("{text}") < 2:
-            raise ValueError(f"echo template {template!r} must repeat the text: it needs {{text}} at least twice, "
-                             f"e.g. {ECHO_DOCUMENT_TEMPLATE!r}")
+            raise SwitchError(f"echo template {template!r} must repeat the text: it needs {{text}} at least twice, "
+                              f"e.g. {ECHO_PAPER_TEMPLATE!r} (or template='paper' / 'repo')")
         return template
 
-    def config(self) -> dict:
-        return dict(method=self.name, pooling=self.pooling, normalize=self.normalize,
-                    template=self.template, query_template=self.query_template)
-
-    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
-        # Checked here too: the encoder's per-call `prompt=` replaces the template after construction.
-        template = self.check(self.query_template if prompt_name == "query" else self.template)
-        enc = encode_text(tokenizer, text, template, max_length)
-        return [Marked(enc.ids, enc.truncated, enc.offsets, enc.prompt, last_copy_span(enc, template))]
-
-    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn) -> Tensor:
-        batch = collate_fn([v[0].ids for v in views])
-        h = model(batch.input_ids, batch.attention_mask).hidden.float()  # (B, T, C)
-        B, T, _ = h.shape
-        span = torch.tensor([v[0].span for v in views], device=h.device)  # (B, 2)
-        if self.pooling == "mean":
-            t = torch.arange(T, device=h.device)
-            inside = ((t >= span[:, :1]) & (t < span[:, 1:])).to(h.dtype)[..., None]  # (B, T, 1)
-            e = (h * inside).sum(1) / inside.sum(1)
+    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
+        batch = collate_fn([v[0] for v in views])
+        h = model(batch.input_ids, batch.attention_mask).hidden  # (B, T, C)
+        if self.pooling == "last":  # the copy's final token, not the prompt's
+            e = h[torch.arange(len(views), device=h.device), batch.span[:, 1] - 1].float()  # (B, C)
         else:
-            e = h[torch.arange(B, device=h.device), span[:, 1] - 1]
-        return F.normalize(e, dim=-1) if self.normalize else e
+            e = pool(h, batch.attention_mask, "text", False, batch.span)
+        return torch.nn.functional.normalize(e, dim=-1) if self._normalize(normalize) else e
 
 
 # ---------------------------------------------------------------------------------- Token Prepending
@@ -242,6 +225,13 @@ class Echo:
 # The authors' PromptEOL variant: a new token <PST> just before the quoted text.
 PST = "<PST>"
 TP_TEMPLATE = 'This sentence : <PST> "{text}" means in one word:"'
+
+
+@dataclass
+class Placed(Encoded):
+    """A token view with the placeholder's index."""
+
+    pst: int = 0
 
 
 @dataclass
@@ -269,90 +259,85 @@ class Prepending(Intervention):
         return torch.where(at, src[:, None, :], h)  # out of place: h may be the embedding table's output
 
 
-class TokenPrepending:
+@dataclass(frozen=True)
+class TokenPrepending(Cleaned):
     """Fu et al. (ACL 2025), as in the authors' code (fuyuchenIfyw/token_prepending):
 
     - `<PST>` is added to the tokenizer as a new token, so the text around it is tokenized in two segments
       (how added tokens split input). Our decoder's embedding table is fixed, so the placeholder's id is
       replaced by 0 and its input embedding is written by `edit(0, h)`: the authors initialise the new row
-      with an unseeded `torch.randn(C)`; we use a seeded one (`placeholder_seed`) so runs repeat. Its scale
-      does not matter: layer 0 sees it through RMSNorm only, and layer 1 overwrites it.
-    - before decoder layer l, 1 <= l <= k, the placeholder's residual state becomes the final token's
-      (their tp_starting_index 1, tp_exiting_index k + 1). Default k = 6: their Llama-2-7B PromptEOL setting
-      (32 layers); k >= L - 1 means every layer after the first.
-    - they pool the final token of an intermediate layer ("early exit": hidden_states[-2] for most models).
-      Here `exit_layer=None` pools the final-norm states like every other method; `exit_layer=l` pools the raw
-      output of decoder layer l (python indexing; their hidden_states[-2] is exit_layer=-2).
+      with an unseeded `torch.randn(C)`; we use a seeded one (`placeholder_seed`) so runs repeat.
+    - before decoder layer l, 1 <= l <= k (`prepend_layers`), the placeholder's residual state becomes the
+      final token's (their tp_starting_index 1, tp_exiting_index k + 1).
+    - `exit_layer`: the layer whose raw output (no final norm) is pooled, python indexing over the L layer
+      outputs; their `output_layer: -2` indexes HF hidden_states, whose [0] is the embeddings, so it is our -2
+      too. "final" pools the final-norm states like every other method.
     """
 
-    name = "token_prepending"
+    name: ClassVar[str] = "token_prepending"
+    DEFAULT_TEMPLATE: ClassVar[str] = TP_TEMPLATE
+    POOLINGS: ClassVar[tuple[str, ...]] = ("last", "mean", "hybrid", "text")
 
-    def __init__(self, *, k: int = 6, exit_layer: int | None = None, pooling: str = "last", normalize: bool = True,
-                 template: str | None = None, placeholder_seed: int = 0):
-        if not isinstance(k, int) or k < 1:
-            raise ValueError(f"k={k!r}: token_prepending needs k >= 1 (the placeholder is overwritten in layers 1..k)")
-        self.k = k
-        self.exit_layer = None if exit_layer is None else int(exit_layer)
-        self.pooling = check_pooling(pooling)
-        self.normalize = bool(normalize)
-        self.template = self.check(template or TP_TEMPLATE)
-        self.placeholder_seed = int(placeholder_seed)
-        self._tokenizers: dict[int, tuple[object, object, int]] = {}  # id(tokenizer) -> (it, copy with <PST>, id)
+    prepend_layers: int = 6
+    exit_layer: int | str = "final"
+    placeholder_seed: int = 0
 
-    @property
-    def query_template(self) -> str:
-        return self.template  # symmetric; a property so the encoder's per-call prompt= sets one template
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.prepend_layers, bool) or not isinstance(self.prepend_layers, int) or self.prepend_layers < 1:
+            raise SwitchError(f"prepend_layers={self.prepend_layers!r}: token_prepending needs k >= 1 (the placeholder "
+                              "is overwritten in layers 1..k)")
+        if self.exit_layer != "final" and (isinstance(self.exit_layer, bool) or not isinstance(self.exit_layer, int)):
+            raise SwitchError(f"exit_layer={self.exit_layer!r}: a layer index (e.g. -2) or 'final'")
 
-    @query_template.setter
-    def query_template(self, value: str) -> None:
-        self.template = value
-
-    @staticmethod
-    def check(template: str) -> str:
+    def check_template(self, template: str) -> str:
         check_template(template)
         if PST not in template or template.index(PST) > template.index("{text}"):
-            raise ValueError(f"token_prepending template {template!r} needs the placeholder {PST} before {{text}}, "
-                             f"e.g. {TP_TEMPLATE!r}")
+            raise SwitchError(f"token_prepending template {template!r} needs the placeholder {PST} before {{text}}, "
+                              f"e.g. {TP_TEMPLATE!r}")
         return template
 
-    def config(self) -> dict:
-        return dict(method=self.name, k=self.k, exit_layer=self.exit_layer, pooling=self.pooling,
-                    normalize=self.normalize, template=self.template, placeholder_seed=self.placeholder_seed)
-
-    def with_placeholder(self, tokenizer):
-        """A copy of the tokenizer with <PST> added (made once per tokenizer) and <PST>'s id in it."""
-        key = id(tokenizer)
-        if key not in self._tokenizers or self._tokenizers[key][0] is not tokenizer:
-            from tokenizers import Tokenizer
-
-            tok = Tokenizer.from_str(tokenizer.to_str())
-            tok.add_tokens([PST])
-            self._tokenizers[key] = (tokenizer, tok, tok.token_to_id(PST))
-        return self._tokenizers[key][1:]
-
     def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
-        template = self.check(self.template)
-        tok, pst_id = self.with_placeholder(tokenizer)
-        enc = encode_text(tok, text, template, max_length)
+        tok, pst_id = with_placeholder(tokenizer)
+        enc = super().prepare(tok, text, prompt_name, max_length)[0]
         # The template's <PST> comes before the text, so the first match is it. Every match (a text may spell
         # "<PST>" too) gets id 0, which is in every embedding table; only the first is overwritten.
-        pos = enc.ids.index(pst_id)
         ids = [0 if i == pst_id else i for i in enc.ids]
-        return [Marked(ids, enc.truncated, enc.offsets, enc.prompt, (pos, pos + 1))]
+        return [Placed(ids, enc.truncated, enc.offsets, enc.prompt, enc.span, pst=enc.ids.index(pst_id))]
 
-    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn) -> Tensor:
-        batch = collate_fn([v[0].ids for v in views])
+    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
+        batch = collate_fn([v[0] for v in views])
+        n_layers = len(model.layers)
+        if self.exit_layer != "final" and not -n_layers <= self.exit_layer < n_layers:
+            raise SwitchError(f"exit_layer={self.exit_layer}: this model has layers 0..{n_layers - 1}")
         w = model.embed_tokens.weight
         g = torch.Generator().manual_seed(self.placeholder_seed)
         seed_vec = torch.randn(w.shape[1], generator=g).to(w.device)  # (C,), drawn on the CPU: same on any device
-        pst = torch.tensor([v[0].span[0] for v in views], device=batch.input_ids.device)
-        plan = Prepending(pst, batch.last, self.k, seed_vec)
-        early = self.exit_layer is not None
+        pst = torch.tensor([v[0].pst for v in views], device=batch.input_ids.device)
+        plan = Prepending(pst, batch.last, self.prepend_layers, seed_vec)
+        early = self.exit_layer != "final"
         out = model(batch.input_ids, batch.attention_mask, intervention=plan, output_hidden_states=early)
         hidden = out.layer_outputs[self.exit_layer] if early else out.hidden
-        return pool(hidden, batch.attention_mask, self.pooling, self.normalize)
+        return pool(hidden, batch.attention_mask, self.pooling, self._normalize(normalize), batch.span)
+
+
+_PLACEHOLDER_TOKENIZERS: dict[int, tuple[object, object, int]] = {}
+
+
+def with_placeholder(tokenizer):
+    """A copy of the tokenizer with <PST> added (made once per tokenizer) and <PST>'s id in it."""
+    key = id(tokenizer)
+    if key not in _PLACEHOLDER_TOKENIZERS or _PLACEHOLDER_TOKENIZERS[key][0] is not tokenizer:
+        from tokenizers import Tokenizer
+
+        tok = Tokenizer.from_str(tokenizer.to_str())
+        tok.add_tokens([PST])
+        _PLACEHOLDER_TOKENIZERS[key] = (tokenizer, tok, tok.token_to_id(PST))
+    return _PLACEHOLDER_TOKENIZERS[key][1:]
 
 
 BASELINES: dict[str, type] = {
     cls.name: cls for cls in (Mean, Last, PromptEOL, MetaEOL, Echo, TokenPrepending, Bidirectional)
 }
+# Every method by name, KV-Embedding first.
+METHODS: dict[str, type] = {KVEmbedding.name: KVEmbedding, **BASELINES}

@@ -1,193 +1,167 @@
 """kvembed's command line: embed | select-layers | eval | embed-corpus | golden | bench.
 
 Exit codes (every subcommand):
-    0  success
-    1  an unexpected internal error (a bug: please report it with the traceback)
-    2  bad usage or bad input: unknown option, missing/unreadable input file, bad JSONL line, missing output folder,
-       an embed-corpus output folder that belongs to another run
-    3  the model could not be loaded (missing, corrupt or inconsistent weights/config; the message names the file)
-    4  embedding failed: a non-finite vector, or a text too long with --on-truncation raise
+    0    success
+    1    an unexpected internal error (a bug: please report it with the traceback)
+    2    bad usage or bad input: unknown option, bad switch value, missing/unreadable input file, bad line,
+         output that would overwrite the input, missing or unwritable output folder, an embed-corpus output
+         folder that belongs to another run
+    3    the model could not be loaded (missing, corrupt or inconsistent weights/config; the message names the file)
+    4    embedding failed: a non-finite vector, or a text too long with --on-truncation raise
+    130  interrupted (Ctrl-C)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shlex
 import sys
 from pathlib import Path
 
-EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_EMBED = 0, 1, 2, 3, 4
+from .cli_options import (NAMED_MODELS_HELP, add_model_options, embedder_from_args, join_negative_values,
+                          positive_int)
+
+EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_EMBED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
+OUTPUT_SUFFIXES = (".npy", ".jsonl", ".ndjson")
 
 
 class InputError(ValueError):
     """Bad input files or options: exit code 2."""
 
 
-# ------------------------------------------------------------------------------------ shared options
-
-
-def parse_layers(value: str):
-    """`auto` / `none` / `all` / `3,4,5` / `3-5` / `3+4+5` -> the encoder's `layers` switch."""
-    value = value.strip()
-    if value in ("auto", "none", "all"):
-        return value
-    out = []
-    try:
-        for part in value.replace("+", ",").split(","):
-            if "-" in part:
-                a, b = part.split("-")
-                out += list(range(int(a), int(b) + 1))
-            elif part:
-                out.append(int(part))
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--layers {value!r}: use auto, none, all, or layer indices like 3,4,5 or 3-5") from None
-    if not out:
-        raise argparse.ArgumentTypeError(f"--layers {value!r}: no layer index given")
-    return out
-
-
-# Options that become KVEmbedder.from_pretrained switches when given (None = the method's default).
-SWITCHES = ("layers", "bias", "rope_mode", "passes", "pooling", "template", "query_template", "max_length")
-
-
-def switches_from_args(args) -> dict:
-    """The method switches a parsed command line sets, for every subcommand that builds an embedder."""
-    switches = {k: getattr(args, k) for k in SWITCHES if getattr(args, k, None) is not None}
-    if getattr(args, "no_normalize", False):  # --no-normalize
-        switches["normalize"] = False
-    elif getattr(args, "normalize", None) is not None:  # --normalize / --no-normalize (BooleanOptionalAction)
-        switches["normalize"] = args.normalize
-    return switches
-
-
-def add_model_options(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help="local folder, hub id or .gguf (default: SmolLM2-135M-Instruct)")
-    p.add_argument("--method", default="kvembedding",
-                   help="kvembedding (default) or a baseline: mean, last, prompteol, metaeol, echo, "
-                        "token_prepending, bidirectional")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's context)")
-    p.add_argument("--id-corpus", default=None, help="texts for --layers auto on a model without a shipped selection")
-    p.add_argument("--compile", action="store_true", help="run the decoder under torch.compile")
-    s = p.add_argument_group("KV-Embedding switches (SPEC §1; omitted = the default)")
-    s.add_argument("--layers", type=parse_layers, default=None, help="auto | none | all | 3,4,5 | 3-5")
-    s.add_argument("--bias", type=float, default=None, help="logit bias of the prefix slot (default 1.0)")
-    s.add_argument("--rope-mode", default=None, choices=("rotated", "position0", "unrotated"))
-    s.add_argument("--passes", type=int, default=None, choices=(1, 2))
-    s.add_argument("--pooling", default=None, choices=("hybrid", "mean", "last"))
-    s.add_argument("--no-normalize", action="store_true", help="keep embeddings unnormalised")
-    s.add_argument("--template", default=None, help="'none' (raw text) or a prompt with a {text} slot")
-    s.add_argument("--query-template", default=None, help="prompt with a {text} slot for --prompt-name query")
-
-
-def embedder_from_args(args):
-    from .encoder import KVEmbedder
-
-    return KVEmbedder.from_pretrained(args.model, method=args.method, dtype=args.dtype, device=args.device,
-                                      compile=args.compile, id_corpus=args.id_corpus, **switches_from_args(args))
-
-
 # ------------------------------------------------------------------------------------------- embed
 
 
-def read_texts(path: str, field: str = "text", skip_bad_lines: bool = False) -> tuple[list[str], list[int]]:
-    """Texts from a .jsonl (one object per line, `field`) or any other file (one text per line).
-
-    Returns (texts, skipped line numbers). A bad line (invalid UTF-8 or JSON, missing field, not a string)
-    is an InputError naming its line number, unless skip_bad_lines, which leaves it out and reports it.
-    """
+def check_output(path: str, inputs: list[str]) -> Path:
+    """Refuse, before any embedding, an output that cannot be written or would overwrite an input."""
     p = Path(path)
-    if not p.is_file():
-        raise InputError(f"input file {path} does not exist (or is not a file)")
-    texts, skipped = [], []
-    is_jsonl = p.suffix in (".jsonl", ".ndjson")
-    with open(p, "rb") as f:
-        for n, raw in enumerate(f, start=1):
-            try:
-                line = raw.decode("utf-8").rstrip("\r\n")
-                if is_jsonl:
-                    if not line.strip():
-                        continue
-                    obj = json.loads(line)
-                    if not isinstance(obj, dict) or field not in obj:
-                        raise ValueError(f"no {field!r} field")
-                    text = obj[field]
-                    if not isinstance(text, str):
-                        raise ValueError(f"{field!r} is {type(text).__name__}, not a string")
-                else:
-                    text = line
-            except (UnicodeDecodeError, ValueError) as e:
-                if not skip_bad_lines:
-                    raise InputError(f"{path}:{n}: unreadable line ({e}); fix it or pass --skip-bad-lines") from None
-                skipped.append(n)
-                continue
-            texts.append(text)
-    return texts, skipped
-
-
-def write_output(path: str, vectors, texts: list[str]) -> None:
-    import numpy as np
-
-    p = Path(path)
+    if p.suffix.lower() not in OUTPUT_SUFFIXES:
+        raise InputError(f"--output {path}: use a .npy or .jsonl file name")
     if not p.parent.is_dir():
         raise InputError(f"output folder {p.parent} does not exist; create it first")
-    tmp = p.with_name(p.name + ".partial")
+    if not os.access(p.parent, os.W_OK):
+        raise InputError(f"output folder {p.parent} is not writable; choose another --output")
+    if p.is_dir():
+        raise InputError(f"--output {path} is a folder; give a file name ending in .npy or .jsonl")
+    for src in inputs:
+        if p.exists() and Path(src).exists() and p.resolve() == Path(src).resolve():
+            raise InputError(f"--output {path} is the input file: writing it would destroy the input; "
+                             "choose another output name")
+    return p
+
+
+def write_output(p: Path, vectors, texts: list[str], lines: list[int | None], ids: list) -> None:
+    import numpy as np
+
+    from .files import atomic_output
+
     try:
-        if p.suffix == ".npy":
-            with open(tmp, "wb") as f:
+        if p.suffix.lower() == ".npy":
+            with atomic_output(p) as f:
                 np.save(f, vectors)
-        elif p.suffix in (".jsonl", ".ndjson"):
-            with open(tmp, "w", encoding="utf-8") as f:
-                for i, (t, v) in enumerate(zip(texts, vectors)):
-                    f.write(json.dumps({"index": i, "text": t, "embedding": [float(x) for x in v]}) + "\n")
         else:
-            raise InputError(f"--output {path}: use a .npy or .jsonl file name")
-        tmp.replace(p)  # never leave a half-written output under the real name
+            with atomic_output(p, "w", encoding="utf-8") as f:
+                for i, (t, v) in enumerate(zip(texts, vectors)):
+                    row = {"index": i, "line": lines[i], "text": t, "embedding": [float(x) for x in v]}
+                    if ids[i] is not None:
+                        row["id"] = ids[i]
+                    f.write(json.dumps(row, ensure_ascii=False) + "\n")
     except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise InputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise InputError(f"cannot write {p}: {e.strerror or e}") from None
 
 
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="*", help="texts to embed (or use --input)")
     p.add_argument("--input", default=None, help=".jsonl (see --field) or a text file with one text per line")
     p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--id-field", default="id", help="JSONL field copied to .jsonl output as `id` (default: id)")
     p.add_argument("--skip-bad-lines", action="store_true", help="leave unreadable lines out and report them")
     p.add_argument("--output", default=None, help="write embeddings to a .npy or .jsonl file (input order)")
     p.add_argument("--prompt-name", default="document", choices=("document", "query"))
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=positive_int, default=32)
     p.add_argument("--on-truncation", default="warn", choices=("warn", "raise", "ignore"))
     p.add_argument("--progress", action="store_true", help="show a progress bar")
     add_model_options(p)
 
 
 def run_embed(args) -> int:
-    texts = list(args.texts)
+    from .files import read_texts
+
+    texts, lines, ids = list(args.texts), [None] * len(args.texts), [None] * len(args.texts)
     if args.input:
-        more, skipped = read_texts(args.input, args.field, args.skip_bad_lines)
-        if skipped:
-            print(f"kvembed: skipped {len(skipped)} unreadable line(s) of {args.input}: {skipped[:20]}", file=sys.stderr)
-        texts += more
+        got = read_texts(args.input, args.field, skip_bad=args.skip_bad_lines, id_field=args.id_field)
+        if got.skipped:
+            print(f"kvembed: skipped {len(got.skipped)} unreadable line(s) of {args.input}: "
+                  f"{[n for n, _ in got.skipped][:20]}", file=sys.stderr)
+        texts, lines, ids = texts + got.texts, lines + got.lines, ids + got.ids
     if not texts:
         raise InputError("nothing to embed: give texts as arguments or --input FILE")
-    if args.output and not Path(args.output).parent.is_dir():
-        raise InputError(f"output folder {Path(args.output).parent} does not exist; create it first")
+    out = check_output(args.output, [args.input] if args.input else []) if args.output else None
     emb = embedder_from_args(args)
     vectors = emb.encode(texts, prompt_name=args.prompt_name, batch_size=args.batch_size,
                          show_progress_bar=args.progress or None, on_truncation=args.on_truncation)
     print(f"kvembed: {len(texts)} text(s) -> {vectors.shape[1]}-d with {emb.method.name} "
           f"(model {emb.loaded.path.name}, layers {list(getattr(emb.method, 'layers', [])) or '-'})", file=sys.stderr)
-    if args.output:
-        write_output(args.output, vectors, texts)
-        print(f"kvembed: wrote {args.output}", file=sys.stderr)
+    if out is not None:
+        write_output(out, vectors, texts, lines, ids)
+        print(f"kvembed: wrote {out}", file=sys.stderr)
     elif len(texts) == 2:
         print(f"cosine similarity: {float(emb.similarity(vectors[:1], vectors[1:])[0, 0]):.4f}")
     else:
         sim = emb.similarity(vectors, vectors)
         for i, row in enumerate(sim):
             print(f"[{i}] " + " ".join(f"{x:+.3f}" for x in row))
+    return EXIT_OK
+
+
+# ----------------------------------------------------------------------------------- select-layers
+
+
+def add_select_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default=None, help=NAMED_MODELS_HELP + " (default: smollm2-135m)")
+    p.add_argument("--corpus", default=None,
+                   help="FILE.jsonl (a \"text\" field per row) or FILE.txt (a text per line); "
+                        "without it, print the selection shipped for the model")
+    p.add_argument("--n", type=positive_int, default=1000, help="texts sampled from the corpus (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
+    p.add_argument("--batch-size", type=positive_int, default=32)
+    p.add_argument("--max-length", type=positive_int, default=512, help="token budget per prompted text (default 512)")
+    p.add_argument("--template", default=None,
+                   help='prompt the texts are wrapped in: default the document template, "none" for the raw '
+                        "text, or any string with a {text} slot")
+    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--cache-dir", default=None, help="where selections are cached (default: <cache root>/layer_select)")
+    p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the selection as JSON")
+
+
+def run_select(args) -> int:
+    """`kvembed select-layers`: print the ID curve and the selected layers."""
+    import weights_loader
+
+    from .encoder import as_dtype, check_device
+    from .files import atomic_write
+    from .layer_select import format_curve
+    from .method import DOCUMENT_TEMPLATE, RAW_TEMPLATE, check_template
+    from .selections import cached_selection, read_corpus, shipped_selection
+
+    template = check_template({None: DOCUMENT_TEMPLATE, "none": RAW_TEMPLATE}.get(args.template, args.template))
+    loaded = weights_loader.load_model(args.model, dtype=as_dtype(args.dtype), device=check_device(args.device))
+    if args.corpus is None:
+        sel = shipped_selection(loaded.fingerprint)
+        if sel is None or (args.n, args.seed, args.max_length, template) != (1000, 0, sel.max_length, sel.template):
+            raise InputError("select-layers: no selection is shipped for this model and these options; "
+                             "pass --corpus FILE.jsonl|FILE.txt")
+        print("(the selection shipped with kvembed, computed on the id_corpus)")
+    else:
+        sel = cached_selection(loaded.model, loaded.tokenizer, read_corpus(args.corpus), n=args.n, seed=args.seed,
+                               template=template, fingerprint=loaded.fingerprint, cache_dir=args.cache_dir,
+                               batch_size=args.batch_size, max_length=args.max_length)
+    print(format_curve(sel))
+    if args.json_out:
+        atomic_write(args.json_out, json.dumps(sel.to_dict(), indent=1) + "\n", fsync=False)
     return EXIT_OK
 
 
@@ -219,46 +193,42 @@ def run_golden(args) -> int:
 
 # ------------------------------------------------------------------------------------------- bench
 
+BENCHES = ("forward", "attention", "memory", "scale")
+
 
 def run_bench(args) -> int:
-    import runpy
+    import importlib
 
-    script = Path(__file__).resolve().parent.parent / "bench" / f"{args.which}.py"
-    if not script.is_file():
-        raise InputError(f"{script} not found: the benchmarks live in the source checkout's bench/ folder")
-    sys.argv = [str(script), *args.rest]
-    runpy.run_path(str(script), run_name="__main__")
-    return EXIT_OK
+    return int(importlib.import_module(f"kvembed.bench.{args.which}").main(args.rest) or 0)
 
 
 # -------------------------------------------------------------------------------------------- main
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import corpus, layer_select
+    from . import corpus
     from .evaluation import cli_eval
 
     parser = argparse.ArgumentParser(prog="kvembed", description="Training-free text embeddings by KV re-routing.",
                                      epilog=__doc__.split("\n\n", 1)[1], formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="cmd", required=True)
-    p = sub.add_parser("embed", help="embed texts (arguments, a text file or JSONL) to .npy/.jsonl or print similarities")
-    add_embed_arguments(p)
-    p.set_defaults(func=run_embed)
-    p = sub.add_parser("select-layers", help="intrinsic-dimension curve and the selected layers (SPEC §1.4)")
-    layer_select.add_arguments(p)
-    p.set_defaults(func=layer_select.run)
-    p = sub.add_parser("eval", help="MTEB-protocol evaluation on the shared data pack")
-    cli_eval.add_arguments(p)
-    p.set_defaults(func=cli_eval.run)
-    p = sub.add_parser("embed-corpus", help="embed a JSONL corpus into resumable parts (alone or under torchrun)")
-    corpus.add_arguments(p)
-    p.set_defaults(func=corpus.run)
-    p = sub.add_parser("golden", help="write (or --check) golden vectors for ports to other frameworks")
-    add_golden_arguments(p)
-    p.set_defaults(func=run_golden)
-    p = sub.add_parser("bench", help="run a benchmark script from bench/ (forward, attention, memory, scale)")
-    p.add_argument("which", choices=("forward", "attention", "memory", "scale"))
-    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the script (e.g. --quick)")
+    for name, helptext, add, run in (
+        ("embed", "embed texts (arguments, a text file or JSONL) to .npy/.jsonl or print similarities",
+         add_embed_arguments, run_embed),
+        ("select-layers", "intrinsic-dimension curve and the selected layers (SPEC §1.4)", add_select_arguments,
+         run_select),
+        ("eval", "MTEB-protocol evaluation on the shared data pack", cli_eval.add_arguments, cli_eval.run),
+        ("embed-corpus", "embed a JSONL corpus into resumable parts (alone or under torchrun)", corpus.add_arguments,
+         corpus.run),
+        ("golden", "write (or --check) golden vectors for ports to other frameworks", add_golden_arguments,
+         run_golden),
+    ):
+        p = sub.add_parser(name, help=helptext)
+        add(p)
+        p.set_defaults(func=run)
+    p = sub.add_parser("bench", help="run a benchmark (forward, attention, memory, scale); results under ./bench/results")
+    p.add_argument("which", choices=BENCHES)
+    p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (e.g. --quick)")
     p.set_defaults(func=run_bench)
     return parser
 
@@ -267,24 +237,25 @@ def main(argv=None) -> int:
     from weights_loader import WeightsError
 
     from .config import ConfigError
+    from .encoder import TruncationError
     from .scale.manifest import OutdirError
 
+    argv = join_negative_values(list(sys.argv[1:] if argv is None else argv))
     args = build_parser().parse_args(argv)
+    args.command = shlex.join(["kvembed", *argv])  # recorded in reports, so a run can be repeated
     try:
         return int(args.func(args) or 0)
-    except (InputError, OutdirError) as e:
-        print(f"kvembed: error: {e}", file=sys.stderr)
-        return EXIT_INPUT
+    except KeyboardInterrupt:
+        print("kvembed: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except (WeightsError, ConfigError) as e:
         print(f"kvembed: model error: {e}", file=sys.stderr)
         return EXIT_MODEL
-    except FloatingPointError as e:
+    except (FloatingPointError, TruncationError) as e:
         print(f"kvembed: embedding error: {e}", file=sys.stderr)
         return EXIT_EMBED
-    except ValueError as e:
-        if "max_length" in str(e) and "cut" in str(e):
-            print(f"kvembed: embedding error: {e}", file=sys.stderr)
-            return EXIT_EMBED
+    except (InputError, OutdirError, ValueError, OSError) as e:
+        # ValueError covers every input check (SwitchError, TextFileError, CorpusError, TaskDataError, ...)
         print(f"kvembed: error: {e}", file=sys.stderr)
         return EXIT_INPUT
 

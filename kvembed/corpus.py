@@ -29,20 +29,15 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from kvembed.cli import parse_layers, switches_from_args
+from kvembed.cli_options import add_model_options, embedder_from_args, positive_int, switches_from_args
 from kvembed.scale.inputs import read_rows, scan_jsonl
 from kvembed.scale.manifest import FORMAT, assemble, check_or_claim, load_corpus_embeddings, run_key
 from kvembed.scale.parts import finished_record, json_bytes, n_parts, part_range, remove_stale_tmp, write_part
 from kvembed.scale.progress import Progress, fmt_seconds
 
-try:
-    from kvembed.encoder import TruncationWarning
-except ImportError:  # the encoder is optional for the sharding logic (tests use a fake embedder)
-    TruncationWarning = UserWarning
+from kvembed.encoder import TruncationWarning
 
 __all__ = ["embed_corpus", "load_corpus_embeddings", "add_arguments", "run", "main"]
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 # ---------------------------------------------------------------------------------------------------
@@ -252,38 +247,23 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("input", help="JSONL file, one {\"id\": ..., \"text\": ...} object per line")
     parser.add_argument("outdir", help="output folder (created; a rerun into it resumes)")
-    parser.add_argument("--model", default=None, help="local folder, hub id or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--method", default="kvembedding")
-    parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="auto", help="auto, cpu, cuda (under torchrun: cuda:LOCAL_RANK) or cuda:N")
-    sw = parser.add_argument_group("method switches (default: the method's own)")
-    sw.add_argument("--layers", type=parse_layers, default=None, help="auto | none | all | 3,4,5")
-    sw.add_argument("--bias", type=float, default=None)
-    sw.add_argument("--rope-mode", choices=["rotated", "position0", "unrotated"], default=None)
-    sw.add_argument("--passes", type=int, choices=[1, 2], default=None)
-    sw.add_argument("--pooling", choices=["hybrid", "mean", "last"], default=None)
-    sw.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None)
-    sw.add_argument("--template", default=None, help="prompt with one {text} slot, or 'none'")
-    parser.add_argument("--max-length", type=int, default=None, help="tokens per text (default: the model's context)")
-    parser.add_argument("--id-corpus", default=None, help="texts for --layers auto on a model without a shipped selection")
-    parser.add_argument("--prompt-name", choices=["document", "query"], default="document")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--part-size", type=int, default=10000, help="rows per output part (default 10000)")
-    parser.add_argument("--id-field", default="id")
-    parser.add_argument("--text-field", default="text")
-    parser.add_argument("--skip-bad-lines", action="store_true", help="leave bad lines out (listed in the manifest)")
-    parser.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
-    parser.add_argument("--quiet", action="store_true")
+    add_model_options(parser, device="auto")
+    g = parser.add_argument_group("the corpus run")
+    g.add_argument("--prompt-name", choices=["document", "query"], default="document")
+    g.add_argument("--batch-size", type=positive_int, default=32)
+    g.add_argument("--part-size", type=positive_int, default=10000, help="rows per output part (default 10000)")
+    g.add_argument("--id-field", default="id")
+    g.add_argument("--text-field", default="text")
+    g.add_argument("--skip-bad-lines", action="store_true", help="leave bad lines out (listed in the manifest)")
+    g.add_argument("--log-every", type=float, default=10.0, help="seconds between progress lines")
+    g.add_argument("--quiet", action="store_true")
 
 
 def run(args) -> int:
-    from kvembed.encoder import KVEmbedder
-
     switches = switches_from_args(args)
     rank, world, device = launch_context(args.device)
     try:
-        embedder = KVEmbedder.from_pretrained(args.model, method=args.method, dtype=DTYPES[args.dtype],
-                                              device=device, id_corpus=args.id_corpus, **switches)
+        embedder = embedder_from_args(args, device=device)
         embed_corpus(args.input, args.outdir, embedder, method={"model": args.model, "method": args.method,
                      "switches": switches}, dtype=args.dtype, prompt_name=args.prompt_name,
                      part_size=args.part_size, batch_size=args.batch_size, id_field=args.id_field,
@@ -304,9 +284,10 @@ def shutdown() -> None:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kvembed embed-corpus", description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    """`python -m kvembed.corpus ...` = `kvembed embed-corpus ...` (same options, errors and exit codes)."""
+    from kvembed.cli import main as cli_main
+
+    return cli_main(["embed-corpus", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -130,10 +130,12 @@ class Texts:
     skipped: list[tuple[int, str]] = field(default_factory=list)
     # line numbers of blank JSON lines (no object, so no text)
     blank: list[int] = field(default_factory=list)
+    # each text's `id_field` value in JSON lines (None when absent, and for text files)
+    ids: list = field(default_factory=list)
 
 
-def parse_jsonl_line(line: str, field_name: str) -> str:
-    """The string at `field_name` of one JSON-lines object, or ValueError saying what is wrong."""
+def parse_jsonl_line(line: str, field_name: str) -> dict:
+    """One JSON-lines object whose `field_name` is a string, or ValueError saying what is wrong."""
     obj = json.loads(line)
     if not isinstance(obj, dict):
         raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
@@ -142,11 +144,11 @@ def parse_jsonl_line(line: str, field_name: str) -> str:
     text = obj[field_name]
     if not isinstance(text, str):
         raise ValueError(f"{field_name!r} is {type(text).__name__}, not a string")
-    return text
+    return obj
 
 
 def read_texts(path: str | os.PathLike, field_name: str = "text", *, skip_bad: bool = False,
-               hint: str = "fix it or pass --skip-bad-lines") -> Texts:
+               hint: str = "fix it or pass --skip-bad-lines", id_field: str | None = None) -> Texts:
     """Texts of a `.jsonl` file (the string `field_name` of each object) or a text file (one text per line).
 
     A `.json` file is refused (an array is not one text per line: convert it to JSON lines). A bad line
@@ -168,12 +170,13 @@ def read_texts(path: str | os.PathLike, field_name: str = "text", *, skip_bad: b
             if jsonl and not line.strip():
                 out.blank.append(n)
                 continue
-            text = parse_jsonl_line(line, field_name) if jsonl else line
+            obj = parse_jsonl_line(line, field_name) if jsonl else {field_name: line}
         except ValueError as e:  # json.JSONDecodeError is a ValueError
             if not skip_bad:
                 raise TextFileError(f"{p}:{n}: unreadable line ({e}); {hint}") from None
             out.skipped.append((n, str(e)))
             continue
-        out.texts.append(text)
+        out.texts.append(obj[field_name])
         out.lines.append(n)
+        out.ids.append(obj.get(id_field) if jsonl and id_field else None)
     return out

@@ -8,32 +8,27 @@ hidden state of every prompted text at the output of every layer of the plain (u
     m       = skip + argmin(ids[skip:])                  ties -> the earliest layer
     layers  = m .. min(L - 1, m + max(1, floor(L / 10)))
 
-The selection is a pure function of (model weights, corpus, N, seed, template, max_length); it is
-cached on disk as JSON under that key, and `format_curve` prints the curve so a user sees why.
+The selection is a pure function of (model weights, corpus, N, seed, template, max_length), computed here
+from tensors and texts only; kvembed/selections.py caches it on disk and holds the shipped ones, and
+`format_curve` renders the curve so that a user sees why.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
-import os
-import sys
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 import torch
 
-# SPEC §1.4 runs the texts in the document prompt (RAW_TEMPLATE is template "none").
-from kvembed.method import DOCUMENT_TEMPLATE, RAW_TEMPLATE, check_template, tokenize_batch
+# SPEC §1.4 runs the texts in the document prompt.
+from kvembed.method import DOCUMENT_TEMPLATE, check_template, tokenize_batch
 
 SKIP_FRACTION = 0.2  # floor(0.2 L) early layers are skipped
 FIT_FRACTION_NUM, FIT_FRACTION_DEN = 9, 10  # TwoNN fits on the smallest 90% of mu
-CACHE_VERSION = 1  # bump when anything that changes a cached result changes
-SHIPPED = Path(__file__).parent / "data" / "smollm2_135m_layers.json"
 
 
 # ----------------------------------------------------------------------------------------------- TwoNN
@@ -81,16 +76,15 @@ def twonn(points: np.ndarray) -> float:
         raise ValueError(f"twonn: points must be 2-D (N, C), got shape {x.shape}")
     if not np.all(np.isfinite(x)):
         raise ValueError("twonn: points contain NaN or inf; check the model's hidden states (dtype overflow?)")
-    x = x.astype(np.float64)
-    n_distinct = len(np.unique(x, axis=0)) if len(x) >= 3 else len(x)
-    if n_distinct < 3:
+    # One copy of each point: a duplicate has r1 = 0 (mu undefined), and a point that kept its duplicates as
+    # neighbours would see r1 = r2 and mu = 1 for *other* points too, biasing the fit upward.
+    x = np.unique(x.astype(np.float64), axis=0)
+    if len(x) < 3:
         raise ValueError(
-            f"twonn: need at least 3 distinct points, got {n_distinct} distinct of {len(x)}; "
-            "use a larger or more varied corpus"
+            f"twonn: need at least 3 distinct points, got {len(x)}; use a larger or more varied corpus"
         )
     r1, r2 = nearest_two(x - x.mean(0))
-    keep = r1 > 0  # duplicates: mu is undefined
-    mu = np.sort(r2[keep] / r1[keep])
+    mu = np.sort(r2 / r1)
     n = len(mu)
     n_fit = n * FIT_FRACTION_NUM // FIT_FRACTION_DEN
     log_mu = np.log(mu[:n_fit])
@@ -222,28 +216,12 @@ def sample_texts(texts: Sequence[str], n: int, seed: int) -> list[str]:
     return [texts[i] for i in idx]
 
 
-def cache_root() -> Path:
-    """The project's cache folder ($KVEMBED_CACHE, else ~/.cache/kvembed), as weights_loader defines it."""
-    try:
-        from weights_loader.default_model import cache_root as loader_cache_root
-    except (ImportError, AttributeError):
-        return Path(os.environ.get("KVEMBED_CACHE") or Path.home() / ".cache" / "kvembed")
-    return Path(loader_cache_root())
-
-
-def cache_key(fingerprint: str, corpus_sha: str, n_texts: int, seed: int, template: str, max_length: int) -> str:
-    """Everything the result depends on besides the code (batch size does not: batches never change a row)."""
-    fields = [CACHE_VERSION, fingerprint, corpus_sha, n_texts, seed, template, max_length]
-    return hashlib.sha256(json.dumps(fields).encode("utf-8")).hexdigest()[:32]
-
-
 def select_layers(model, tokenizer, texts: Sequence[str], *, n: int = 1000, seed: int = 0,
-                  template: str = DOCUMENT_TEMPLATE, fingerprint: str | None,
-                  cache_dir: str | Path | None = None, batch_size: int = 32, max_length: int = 512) -> LayerSelection:
+                  template: str = DOCUMENT_TEMPLATE, fingerprint: str | None = None, batch_size: int = 32,
+                  max_length: int = 512) -> LayerSelection:
     """SPEC §1.4 on `texts`: sample N (seeded), run the plain model, TwoNN per layer, the window.
 
-    Cached as JSON in `cache_dir` (default `cache_root()/layer_select`) under `cache_key`; with
-    `fingerprint=None` nothing is cached, because nothing would say which weights the result belongs to.
+    A pure function of (model, texts, n, seed, template, max_length); kvembed/selections.py caches it on disk.
     """
     texts = list(texts)
     check_template(template)
@@ -251,49 +229,12 @@ def select_layers(model, tokenizer, texts: Sequence[str], *, n: int = 1000, seed
         raise ValueError(f"select_layers: n={n}; TwoNN needs at least 3 texts (SPEC default 1000)")
     if len(texts) < 3:
         raise ValueError(f"select_layers: the corpus has {len(texts)} texts; TwoNN needs at least 3")
-    sha = corpus_sha256(texts)
-    n_texts = min(n, len(texts))
-    path = None
-    if fingerprint is not None:
-        folder = Path(cache_dir) if cache_dir is not None else cache_root() / "layer_select"
-        path = folder / f"{cache_key(fingerprint, sha, n_texts, seed, template, max_length)}.json"
-        cached = _read_cached(path, fingerprint, sha, n_texts, seed)
-        if cached is not None:
-            return cached
-
     states = collect_final_token_states(model, tokenizer, sample_texts(texts, n, seed), template, batch_size, max_length)
     ids = id_curve(states)
     skip, m, layers = window_rule(ids, len(ids))
-    sel = LayerSelection(layers=layers, ids=ids, skip=skip, m=m, n_texts=n_texts, corpus_sha256=sha, seed=seed,
-                         fingerprint=fingerprint, template=template, max_length=max_length)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(sel.to_dict(), indent=1))
-        os.replace(tmp, path)  # atomic: a concurrent reader sees the old file or the whole new one
-    return sel
-
-
-def _read_cached(path: Path, fingerprint: str, sha: str, n_texts: int, seed: int) -> LayerSelection | None:
-    if not path.is_file():
-        return None
-    try:
-        sel = LayerSelection.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-        print(f"kvembed: ignoring unreadable layer-selection cache {path} ({e}); recomputing", file=sys.stderr)
-        return None
-    if (sel.fingerprint, sel.corpus_sha256, sel.n_texts, sel.seed) != (fingerprint, sha, n_texts, seed):
-        return None  # a key collision or a hand-edited file: never return another model's layers
-    return sel
-
-
-def shipped_selection(fingerprint: str) -> LayerSelection | None:
-    """The selection shipped with the package (the default model on the id_corpus, N=1000, seed 0), if it is
-    for these weights; None otherwise, so the caller runs `select_layers`."""
-    if not SHIPPED.is_file():
-        return None
-    sel = LayerSelection.from_dict(json.loads(SHIPPED.read_text()))
-    return sel if sel.fingerprint == fingerprint else None
+    return LayerSelection(layers=layers, ids=ids, skip=skip, m=m, n_texts=min(n, len(texts)),
+                          corpus_sha256=corpus_sha256(texts), seed=seed, fingerprint=fingerprint, template=template,
+                          max_length=max_length)
 
 
 def format_curve(selection: LayerSelection, width: int = 40) -> str:
@@ -313,75 +254,3 @@ def format_curve(selection: LayerSelection, width: int = 40) -> str:
             mark = "<- selected (minimum)" if l == selection.m else "<- selected"
         lines.append(f"{l:5d} {v:8.2f}  {bar:<{width}}  {mark}".rstrip())
     return "\n".join(lines)
-
-
-# -------------------------------------------------------------------------------------------- corpora
-
-
-def read_id_corpus(path: str | Path) -> list[str]:
-    """Texts of a corpus file: `.jsonl` rows with a "text" field (the id_corpus format), or `.txt`, one per line."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"corpus {path} does not exist")
-    lines = path.read_text(encoding="utf-8").splitlines()
-    if path.suffix == ".txt":
-        return [s for s in (line.strip() for line in lines) if s]
-    if path.suffix != ".jsonl":
-        raise ValueError(f"corpus {path}: unknown format; give a .jsonl file with a \"text\" field per row, or a .txt file")
-    texts = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"corpus {path}, line {i}: not JSON ({e})") from None
-        if not isinstance(row, dict) or not isinstance(row.get("text"), str):
-            raise ValueError(f"corpus {path}, line {i}: expected an object with a string \"text\" field")
-        texts.append(row["text"])
-    return texts
-
-
-# ------------------------------------------------------------------------------------------------ CLI
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of `kvembed select-layers`."""
-    parser.add_argument("--model", default=None, help="local folder, hub id or .gguf (default: SmolLM2-135M-Instruct)")
-    parser.add_argument("--corpus", default=None,
-                        help="FILE.jsonl (a \"text\" field per row) or FILE.txt (a text per line); "
-                             "without it, print the selection shipped for the default model")
-    parser.add_argument("--n", type=int, default=1000, help="texts sampled from the corpus (default 1000)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--max-length", type=int, default=512, help="token budget per prompted text (default 512)")
-    parser.add_argument("--template", default=None,
-                        help='prompt the texts are wrapped in: default the document template, "none" for the raw '
-                             "text, or any string with a {text} slot")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--cache-dir", default=None, help="where selections are cached (default: <cache root>/layer_select)")
-    parser.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the selection as JSON")
-
-
-def run(args: argparse.Namespace) -> int:
-    """`kvembed select-layers`: print the ID curve and the selected layers."""
-    import weights_loader
-
-    template = {None: DOCUMENT_TEMPLATE, "none": RAW_TEMPLATE}.get(args.template, args.template)
-    check_template(template)
-    loaded = weights_loader.load_model(args.model, dtype=getattr(torch, args.dtype), device=args.device)
-    if args.corpus is None:
-        sel = shipped_selection(loaded.fingerprint)
-        if sel is None or (args.n, args.seed, args.max_length, template) != (1000, 0, sel.max_length, sel.template):
-            raise SystemExit("select-layers: no selection is shipped for this model and these options; "
-                             "pass --corpus FILE.jsonl|FILE.txt")
-        print("(the selection shipped with kvembed, computed on the id_corpus)")
-    else:
-        sel = select_layers(loaded.model, loaded.tokenizer, read_id_corpus(args.corpus), n=args.n, seed=args.seed,
-                            template=template, fingerprint=loaded.fingerprint, cache_dir=args.cache_dir, batch_size=args.batch_size,
-                            max_length=args.max_length)
-    print(format_curve(sel))
-    if args.json_out:
-        Path(args.json_out).write_text(json.dumps(sel.to_dict(), indent=1) + "\n")
-    return 0

@@ -9,31 +9,35 @@ Notation as in model.py: B rows, T tokens (right-padded), Hq/Hkv heads, D head_d
                      of that layer's attention, visible to every row, with logit bias b
     §1.3 pooling     `pool`: (mean over real tokens + final token) / 2 of the final-norm states, then L2
     §1.4 layers      kvembed.layer_select (TwoNN intrinsic dimension)
+
+`Method` is the contract every method keeps (KV-Embedding here, the baselines in baselines.py): an immutable
+value whose fields are its switches (kvembed/switches.py), turning texts into token views (`prepare`) and
+padded views into vectors (`embed`), so that all methods share one batcher, one decoder and one set of kernels.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 from .model import QKV, Decoder, Intervention, Prefix, unapply_rope
+from .switches import POOLINGS, ROPE_MODES, SwitchError, check_choice
 
 # §1.1 The final token is asked to summarise the text instead of predicting the next word.
 DOCUMENT_TEMPLATE = '"Context: {text}" Compress the Context in one word:'
 QUERY_TEMPLATE = '"Query: {text}" Compress the Query in one word:'
 RAW_TEMPLATE = "{text}"  # template "none": the text alone
 
-ROPE_MODES = ("rotated", "position0", "unrotated")
-POOLINGS = ("hybrid", "mean", "last")
-
 
 def check_template(template: str) -> str:
     if not isinstance(template, str) or "{text}" not in template:
-        raise ValueError(f"template {template!r} must be a string with a {{text}} slot, e.g. {DOCUMENT_TEMPLATE!r}")
+        raise SwitchError(f"template {template!r} must be a string with a {{text}} slot, e.g. {DOCUMENT_TEMPLATE!r}")
     return template
 
 
@@ -53,18 +57,40 @@ class Encoded:
     truncated: bool = False  # True when the text was cut to fit max_length (the instruction never is)
     offsets: list[tuple[int, int]] = field(default_factory=list)  # character span of each token in `prompt`
     prompt: str = ""
+    # [start, end) token indices of the text itself (its last copy, for templates that repeat it): what
+    # `pooling="text"` averages. Empty text: the final token, so the vector still has a direction.
+    span: tuple[int, int] = (0, 0)
+
+
+def longest_token(tokenizer) -> int:
+    """An upper bound on the characters one token covers: its vocabulary string's length (byte-level BPE spells
+    each byte as one character, so this bounds UTF-8 characters too). Memoised per tokenizer."""
+    key = id(tokenizer)
+    if key not in _LONGEST or _LONGEST[key][0] is not tokenizer:
+        _LONGEST[key] = (tokenizer, max(map(len, tokenizer.get_vocab(with_added_tokens=True))))
+    return _LONGEST[key][1]
+
+
+_LONGEST: dict[int, tuple[object, int]] = {}
 
 
 def encode_text(tokenizer, text: str, template: str, max_length: int | None) -> Encoded:
     """Tokenize `template` filled with `text` once, with the tokenizer's special-token rules.
 
     Too long: cut the *text* (at a token boundary of the text alone) and re-tokenize, so the final token is
-    always the template's last token. Never returns more than max_length ids.
+    always the template's last token. Never returns more than max_length ids. A text far longer than
+    max_length could ever hold is first cut by characters (max_length tokens cover at most
+    max_length x the longest token's characters), so a 50 MB line is never tokenized whole.
     """
+    cut_first = False
+    if max_length is not None:
+        bound = 2 * (max_length + 8) * longest_token(tokenizer)  # 2x: normalisers may shorten what they read
+        if len(text) > bound:
+            text, cut_first = text[:bound], True
     prompt = fill(template, text)
     enc = tokenizer.encode(prompt, add_special_tokens=True)
     if max_length is None or len(enc.ids) <= max_length:
-        return Encoded(enc.ids, False, enc.offsets, prompt)
+        return _encoded(enc, cut_first, prompt, template)
     bare = tokenizer.encode(fill(template, ""), add_special_tokens=True)
     if len(bare.ids) >= max_length:
         raise ValueError(
@@ -79,17 +105,38 @@ def encode_text(tokenizer, text: str, template: str, max_length: int | None) -> 
         prompt = fill(template, text[: text_offsets[keep - 1][1]])
         enc = tokenizer.encode(prompt, add_special_tokens=True)
         if len(enc.ids) <= max_length:
-            return Encoded(enc.ids, True, enc.offsets, prompt)
+            return _encoded(enc, True, prompt, template)
         keep -= max(1, math.ceil((len(enc.ids) - max_length) / copies))
-    prompt = fill(template, "")
-    return Encoded(bare.ids, True, bare.offsets, prompt)
+    return _encoded(bare, True, fill(template, ""), template)
+
+
+def _encoded(enc, truncated: bool, prompt: str, template: str) -> Encoded:
+    return Encoded(enc.ids, truncated, enc.offsets, prompt, text_span(enc.offsets, prompt, template))
+
+
+def text_span(offsets: list[tuple[int, int]], prompt: str, template: str) -> tuple[int, int]:
+    """Token indices [start, end) of the last `{text}` copy in `prompt`, from the tokens' character offsets.
+
+    Every token that overlaps the copy's characters is in (a byte-level BPE may merge `"` with the text's first
+    letter: the token is taken, so no character of the text is left out); special tokens (empty offsets) never
+    are. Every copy is cut equally on truncation, so the prompt's length tells how much text is left.
+    """
+    pieces = template.split("{text}")
+    copies = len(pieces) - 1
+    n = (len(prompt) - sum(map(len, pieces))) // max(copies, 1)
+    start_char = sum(len(p) for p in pieces[:-1]) + n * (copies - 1)
+    end_char = start_char + n
+    inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end_char and b > start_char]
+    if not inside:
+        return len(offsets) - 1, len(offsets)
+    return inside[0], inside[-1] + 1
 
 
 @dataclass
 class Batch:
     input_ids: Tensor  # (B, T) long, right-padded
     attention_mask: Tensor  # (B, T) long, 1 on real tokens
-    truncated: list[bool] | None = None  # per row: was the text cut to fit max_length
+    span: Tensor | None = None  # (B, 2) long: each row's text span (Encoded.span), for pooling="text"
 
     @property
     def last(self) -> Tensor:
@@ -97,23 +144,30 @@ class Batch:
         return self.attention_mask.sum(-1) - 1
 
 
-def collate(seqs: list[list[int]], device=None, pad_to: int | None = None, pad_id: int = 0) -> Batch:
-    """Right-pad to the longest row (or to `pad_to`, a compile bucket). Positions stay 0..T-1 in every row."""
-    T = max(pad_to or 0, max(len(s) for s in seqs))
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(seqs), T), dtype=torch.long)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+def collate(seqs: list, device=None, pad_to: int | None = None, pad_id: int = 0) -> Batch:
+    """Right-pad token views (Encoded, or bare id lists) to the longest row (or to `pad_to`, a compile bucket).
+
+    Right padding is the one padding kvembed uses: positions stay 0..T-1 in every row, and causal attention
+    needs no mask for it (model.py). A row with no token at all cannot be pooled and is refused.
+    """
+    ids = [s.ids if isinstance(s, Encoded) else list(s) for s in seqs]
+    if any(len(s) == 0 for s in ids):
+        raise ValueError("a token view is empty (the tokenizer produced no token): nothing to pool")
+    T = max(pad_to or 0, max(map(len, ids)))
+    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), T), dtype=torch.long)
+    for i, s in enumerate(ids):
+        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
         mask[i, : len(s)] = 1
-    return Batch(ids.to(device), mask.to(device))
+    span = None
+    if seqs and isinstance(seqs[0], Encoded):
+        span = torch.tensor([s.span for s in seqs], dtype=torch.long).to(device)
+    return Batch(input_ids.to(device), mask.to(device), span)
 
 
 def tokenize_batch(tokenizer, texts: list[str], template: str, max_length: int | None, device=None) -> Batch:
     """Prompt, tokenize and pad a list of texts (no sorting: rows stay in the given order)."""
-    encoded = [encode_text(tokenizer, t, template, max_length) for t in texts]
-    batch = collate([e.ids for e in encoded], device)
-    batch.truncated = [e.truncated for e in encoded]
-    return batch
+    return collate([encode_text(tokenizer, t, template, max_length) for t in texts], device)
 
 
 # -------------------------------------------------------------------------------- §1.2 re-routing
@@ -176,18 +230,28 @@ def capture_final_kv(model: Decoder, batch: Batch, layers) -> dict[int, tuple[Te
 # ---------------------------------------------------------------------------------- §1.3 pooling
 
 
-def pool(hidden: Tensor, attention_mask: Tensor, pooling: str = "hybrid", normalize: bool = True) -> Tensor:
-    """(B, T, C) final-norm states -> (B, C) fp32: mean over real tokens, final token, or their average."""
+def pool(hidden: Tensor, attention_mask: Tensor, pooling: str = "hybrid", normalize: bool = True,
+         span: Tensor | None = None) -> Tensor:
+    """(B, T, C) final-norm states -> (B, C) fp32.
+
+    hybrid = (mean over real tokens + final token) / 2 (SPEC §1.3), mean, last, or text: the mean over each
+    row's `span` (B, 2) only, the text's own tokens without template or special tokens.
+    """
     h = hidden.float()
-    mask = attention_mask.to(h.dtype)[..., None]  # (B, T, 1)
-    mean = (h * mask).sum(1) / mask.sum(1)  # prompt tokens included, padding excluded
-    final = h[torch.arange(h.shape[0], device=h.device), attention_mask.sum(-1) - 1]  # (B, C)
-    if pooling == "hybrid":
-        e = (mean + final) / 2
-    elif pooling == "mean":
-        e = mean
-    elif pooling == "last":
+    B, T, _ = h.shape
+    final = h[torch.arange(B, device=h.device), attention_mask.sum(-1) - 1]  # (B, C)
+    if pooling == "last":
         e = final
+    elif pooling in ("mean", "hybrid"):
+        mask = attention_mask.to(h.dtype)[..., None]  # (B, T, 1)
+        mean = (h * mask).sum(1) / mask.sum(1)  # prompt tokens included, padding excluded
+        e = mean if pooling == "mean" else (mean + final) / 2
+    elif pooling == "text":
+        if span is None:
+            raise ValueError("pooling='text' needs each row's text span (collate token views, not bare ids)")
+        t = torch.arange(T, device=h.device)
+        inside = ((t >= span[:, :1]) & (t < span[:, 1:])).to(h.dtype)[..., None]  # (B, T, 1)
+        e = (h * inside).sum(1) / inside.sum(1)
     else:
         raise ValueError(f"pooling={pooling!r}: choose one of {', '.join(POOLINGS)}")
     return F.normalize(e, dim=-1) if normalize else e
@@ -203,12 +267,12 @@ def resolve_layers(layers, n_layers: int) -> tuple[int, ...]:
             return ()
         if layers == "all":
             return tuple(range(n_layers))
-        raise ValueError(f"layers={layers!r}: use 'auto', 'none', 'all' or a list of layer indices")
-    out = sorted({int(l) for l in layers})
+        raise SwitchError(f"layers={layers!r}: use 'auto', 'none', 'all' or a list of layer indices")
+    out = tuple(sorted(set(layers)))
     bad = [l for l in out if not 0 <= l < n_layers]
     if bad:
-        raise ValueError(f"layers {bad} out of range: this model has layers 0..{n_layers - 1}")
-    return tuple(out)
+        raise SwitchError(f"layers {bad} out of range: this model has layers 0..{n_layers - 1}")
+    return out
 
 
 def kv_embed(
@@ -223,62 +287,126 @@ def kv_embed(
     normalize: bool = True,
 ) -> Tensor:
     """KV-Embedding of a prompted, padded batch: (B, C) fp32."""
-    if rope_mode not in ROPE_MODES:
-        raise ValueError(f"rope_mode={rope_mode!r}: choose one of {', '.join(ROPE_MODES)}")
-    if passes not in (1, 2):
-        raise ValueError(f"passes={passes!r}: choose 1 (same-layer) or 2 (capture, then inject)")
+    check_choice("rope_mode", rope_mode, ROPE_MODES)
+    check_choice("passes", passes, (1, 2))
     captured = capture_final_kv(model, batch, layers) if passes == 2 and layers else None
     plan = ReRouting(frozenset(layers), float(bias), rope_mode, batch.last, captured) if layers else None
     out = model(batch.input_ids, batch.attention_mask, intervention=plan)
-    return pool(out.hidden, batch.attention_mask, pooling, normalize)
+    return pool(out.hidden, batch.attention_mask, pooling, normalize, batch.span)
 
 
-# --------------------------------------------------------------------------- as a named method
+# ------------------------------------------------------------------------------ the method contract
 
 
-class Templated:
-    """A method with a document and a query template and one token view per text (`template`,
-    `query_template` set by the subclass): KVEmbedding and the single-prompt baselines."""
+@dataclass(frozen=True)
+class Method:
+    """What every embedding method is: an immutable value whose fields are its switches.
 
-    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
-        template = self.query_template if prompt_name == "query" else self.template
-        return [encode_text(tokenizer, text, template, max_length)]
-
-
-class KVEmbedding(Templated):
-    """The method as the encoder sees it: texts -> token views (`prepare`), padded views -> vectors (`embed`).
-
-    Every method (baselines.py too) has this shape, so all of them share one batcher, one decoder and one
-    set of kernels. `layers` must already be resolved to indices ("auto" is resolved by the encoder).
+    prepare(tokenizer, text, prompt_name, max_length) -> list[Encoded]
+        one or more token views of one text (MetaEOL: one per prompt); prompt_name None/"document"/"query"
+    embed(model, views, collate, normalize=None) -> (B, C) float32
+        the vectors of B texts' views; normalize=None follows the `normalize` switch (the encoder passes False
+        and normalises itself, so that encode(normalize_embeddings=False) can return the pooled vector)
+    config() -> dict
+        everything that changes the output: the embedder's fingerprint, golden files and mteb metadata read it
+    with_template(template) -> Method
+        a new method for a per-call prompt (never a mutation of this one)
     """
 
-    name = "kvembedding"
-
-    def __init__(self, layers=(), *, bias: float = 1.0, rope_mode: str = "rotated", passes: int = 1,
-                 pooling: str = "hybrid", normalize: bool = True, template: str | None = None,
-                 query_template: str | None = None):
-        if rope_mode not in ROPE_MODES:
-            raise ValueError(f"rope_mode={rope_mode!r}: choose one of {', '.join(ROPE_MODES)}")
-        if passes not in (1, 2):
-            raise ValueError(f"passes={passes!r}: choose 1 (same-layer) or 2 (capture, then inject)")
-        if pooling not in POOLINGS:
-            raise ValueError(f"pooling={pooling!r}: choose one of {', '.join(POOLINGS)}")
-        self.layers = tuple(layers)
-        self.bias, self.rope_mode, self.passes = float(bias), rope_mode, passes
-        self.pooling, self.normalize = pooling, normalize
-        # template "none" means the raw text, for documents and queries alike.
-        if template == "none":
-            template = query_template = RAW_TEMPLATE
-        self.template = check_template(template or DOCUMENT_TEMPLATE)
-        self.query_template = check_template(query_template or (template or QUERY_TEMPLATE))
+    name: ClassVar[str] = ""
+    normalize: bool = field(default=True, kw_only=True)
 
     def config(self) -> dict:
-        """Everything that changes the output: goes into the embedder's fingerprint and the golden files."""
-        return dict(method=self.name, layers=list(self.layers), bias=self.bias, rope_mode=self.rope_mode,
-                    passes=self.passes, pooling=self.pooling, normalize=self.normalize,
-                    template=self.template, query_template=self.query_template)
+        return {"method": self.name, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}}
 
-    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn) -> Tensor:
-        batch = collate_fn([v[0].ids for v in views])
-        return kv_embed(model, batch, self.layers, bias=self.bias, rope_mode=self.rope_mode,
-                        passes=self.passes, pooling=self.pooling, normalize=self.normalize)
+    def with_template(self, template: str) -> "Method":
+        raise SwitchError(f"method {self.name!r} has fixed prompts; a per-call prompt cannot replace them")
+
+    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
+        raise NotImplementedError
+
+    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def _normalize(self, normalize: bool | None) -> bool:
+        return self.normalize if normalize is None else normalize
+
+
+def _plain(value):
+    """A JSON-ready copy of a switch value (tuples become lists), so configs hash the same however they were made."""
+    return list(value) if isinstance(value, tuple) else value
+
+
+@dataclass(frozen=True)
+class Templated(Method):
+    """A method with a document and a query template and one token view per text.
+
+    template / query_template: None = the class's DEFAULT_* (resolved at construction, so `config()` shows the
+    strings in use); "none" = the raw text for both; a query_template left out follows an explicit template.
+    """
+
+    DEFAULT_TEMPLATE: ClassVar[str] = RAW_TEMPLATE
+    DEFAULT_QUERY_TEMPLATE: ClassVar[str | None] = None  # None: queries use the document template (symmetric)
+    POOLINGS: ClassVar[tuple[str, ...]] = POOLINGS
+
+    template: str | None = field(default=None, kw_only=True)
+    query_template: str | None = field(default=None, kw_only=True)
+
+    def __post_init__(self):
+        template, query = self.template, self.query_template
+        if template == "none":
+            template = query = RAW_TEMPLATE
+        elif template is not None and query is None:
+            query = template
+        set_field(self, "template", self.check_template(template or self.DEFAULT_TEMPLATE))
+        set_field(self, "query_template",
+                  self.check_template(query or self.DEFAULT_QUERY_TEMPLATE or self.template))
+        if hasattr(self, "pooling"):
+            check_choice(f"{self.name} pooling", self.pooling, self.POOLINGS)
+
+    def check_template(self, template: str) -> str:
+        return check_template(template)
+
+    def with_template(self, template: str) -> "Templated":
+        return dataclasses.replace(self, template=template, query_template=template)
+
+    def template_for(self, prompt_name: str | None) -> str:
+        return self.query_template if prompt_name == "query" else self.template
+
+    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
+        return [encode_text(tokenizer, text, self.template_for(prompt_name), max_length)]
+
+
+def set_field(obj, name: str, value) -> None:
+    """Resolve a frozen dataclass field in __post_init__ (the one place a method is ever written to)."""
+    object.__setattr__(obj, name, value)
+
+
+@dataclass(frozen=True)
+class KVEmbedding(Templated):
+    """KV-Embedding as a method: the SPEC §1 switches, defaults as in the SPEC.
+
+    `layers` must already be resolved to indices ("auto" is resolved by the encoder, which has the model).
+    """
+
+    name: ClassVar[str] = "kvembedding"
+    DEFAULT_TEMPLATE: ClassVar[str] = DOCUMENT_TEMPLATE
+    DEFAULT_QUERY_TEMPLATE: ClassVar[str] = QUERY_TEMPLATE
+
+    layers: tuple[int, ...] = ()
+    bias: float = 1.0
+    rope_mode: str = "rotated"
+    passes: int = 1
+    pooling: str = "hybrid"
+
+    def __post_init__(self):
+        super().__post_init__()
+        set_field(self, "layers", tuple(self.layers))
+        set_field(self, "bias", float(self.bias))
+        check_choice("rope_mode", self.rope_mode, ROPE_MODES)
+        check_choice("passes", self.passes, (1, 2))
+
+    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
+        batch = collate_fn([v[0] for v in views])
+        return kv_embed(model, batch, self.layers, bias=self.bias, rope_mode=self.rope_mode, passes=self.passes,
+                        pooling=self.pooling, normalize=self._normalize(normalize))

@@ -15,9 +15,8 @@ import torch
 import torch.nn.functional as F
 
 from kvembed.baselines import (BASELINES, ECHO_DOCUMENT_TEMPLATE, ECHO_QUERY_TEMPLATE, METAEOL_TEMPLATES,
-                               PROMPTEOL_TEMPLATE, TP_TEMPLATE, Bidirectional, Echo, MetaEOL, TokenPrepending,
-                               last_copy_span)
-from kvembed.method import DOCUMENT_TEMPLATE, QUERY_TEMPLATE, collate, encode_text, fill
+                               PROMPTEOL_TEMPLATE, TP_TEMPLATE, Bidirectional, Echo, MetaEOL, TokenPrepending)
+from kvembed.method import DOCUMENT_TEMPLATE, QUERY_TEMPLATE, collate, encode_text, fill, text_span
 from tests import tiny
 from tests.test_model_parity import ours_from_hf
 from tests.tolerance import assert_close, assert_differ, decoder_drift
@@ -83,7 +82,7 @@ def test_registry_names_and_configs():
 
 def test_switches_change_config_and_bad_switches_raise():
     assert BASELINES["mean"](pooling="last").config() != BASELINES["mean"]().config()
-    assert TokenPrepending(k=2).config()["k"] == 2
+    assert TokenPrepending(prepend_layers=2).config()["prepend_layers"] == 2
     with pytest.raises(TypeError):
         BASELINES["prompteol"](bias=1.0)  # a KV-Embedding switch is not silently ignored
     with pytest.raises(ValueError, match="pooling"):
@@ -94,15 +93,14 @@ def test_switches_change_config_and_bad_switches_raise():
         Echo(template="Document:{text}")
     with pytest.raises(ValueError, match="<PST>"):
         TokenPrepending(template=PROMPTEOL_TEMPLATE)
-    with pytest.raises(ValueError, match="k"):
-        TokenPrepending(k=0)
+    with pytest.raises(ValueError, match="prepend_layers"):
+        TokenPrepending(prepend_layers=0)
 
 
 def test_echo_rejects_a_per_call_template_with_one_copy(tok):
     m = Echo()
-    m.template = "Document:{text}"  # what the encoder's prompt= does to a copy of the method
     with pytest.raises(ValueError, match="twice"):
-        m.prepare(tok, "a cat", None, None)
+        m.with_template("Document:{text}")  # what the encoder's prompt= asks for: a new method, refused
 
 
 # ---------------------------------------------------------------------- mean / last / prompteol
@@ -200,7 +198,7 @@ def test_echo_span_takes_a_token_that_straddles_the_seam():
     # A fake tokenization where ':' and the text merged into one token at the second seam.
     enc.offsets = [(0, 0), (0, 2), (2, 3), (3, 4), (4, 5), (5, 7)]  # <s> "A:" "x" "\n" "B" ":x"
     enc.ids = list(range(6))
-    assert last_copy_span(enc, "A:{text}\nB:{text}") == (5, 6)
+    assert text_span(enc.offsets, enc.prompt, "A:{text}\nB:{text}") == (5, 6)
 
 
 def test_echo_empty_text_pools_the_final_token(model, tok):
@@ -210,16 +208,16 @@ def test_echo_empty_text_pools_the_final_token(model, tok):
     assert_close(e[0], hidden_alone(model, views[0][0].ids)[-1], drift(model, views), "echo, empty text")
 
 
-@pytest.mark.parametrize("pooling", ["mean", "last"])
+@pytest.mark.parametrize("pooling", ["text", "last"])
 def test_echo_pools_exactly_the_span_rows(model, tok, pooling):
     e, views = run(Echo(pooling=pooling), model, tok, TEXTS[:3])
     for i in range(3):
         v = views[i][0]
         a, b = v.span
         h = hidden_alone(model, v.ids)
-        want = h[a:b].mean(0) if pooling == "mean" else h[b - 1]
+        want = h[a:b].mean(0) if pooling == "text" else h[b - 1]
         assert_close(e[i], F.normalize(want, dim=-1), drift(model, views), f"echo {pooling} text {i}")
-        if pooling == "mean":  # one row more or fewer is a different vector
+        if pooling == "text":  # one row more or fewer is a different vector
             assert_differ(e[i], F.normalize(h[a - 1:b].mean(0), dim=-1), drift(model, views), "echo span + 1 row")
             assert_differ(e[i], F.normalize(h[a + 1:b].mean(0), dim=-1), drift(model, views), "echo span - 1 row")
 
@@ -240,7 +238,7 @@ def test_bidirectional_sees_future_tokens(model, tok):
 
 def test_bidirectional_is_the_kv_prompt_without_the_causal_mask(model, tok):
     m = Bidirectional()
-    assert (m.template, m.query_template, m.pooling, m.causal) == (DOCUMENT_TEMPLATE, QUERY_TEMPLATE, "hybrid", False)
+    assert (m.template, m.query_template, m.pooling, m.CAUSAL) == (DOCUMENT_TEMPLATE, QUERY_TEMPLATE, "hybrid", False)
     for prompt_name, template in ((None, DOCUMENT_TEMPLATE), ("query", QUERY_TEMPLATE)):
         e, views = run(m, model, tok, TEXTS[:2], prompt_name)
         for i, text in enumerate(TEXTS[:2]):
@@ -279,8 +277,8 @@ def seed_vec_for(seed, C):
 
 def test_tp_placeholder_sits_before_the_text(tok):
     v = TokenPrepending().prepare(tok, "a cat sat", None, None)[0]
-    pos = v.span[0]
-    assert v.span == (pos, pos + 1) and v.ids[pos] == 0
+    pos = v.pst
+    assert v.ids[pos] == 0
     # The authors' added token splits the prompt: the part before it is tokenized on its own.
     assert v.ids[:pos] == tok.encode("This sentence : ", add_special_tokens=True).ids
     assert v.ids[pos + 1:] == tok.encode(' "a cat sat" means in one word:"', add_special_tokens=False).ids
@@ -289,32 +287,32 @@ def test_tp_placeholder_sits_before_the_text(tok):
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_tp_replaces_the_placeholder_in_layers_1_to_k_only(model, tok, k):
-    e, views = run(TokenPrepending(k=k, normalize=False), model, tok, TEXTS[:2])
+    e, views = run(TokenPrepending(prepend_layers=k, normalize=False), model, tok, TEXTS[:2])
     C = model.args.hidden_size
     for i in range(2):
         v = views[i][0]
-        want = tp_manual(model, v.ids, v.span[0], k, seed_vec_for(0, C))
+        want = tp_manual(model, v.ids, v.pst, k, seed_vec_for(0, C))
         assert_close(e[i], want, drift(model, views), f"tp k={k} text {i}")
         # One layer more or fewer, or no replacement at all, is a different vector.
-        assert_differ(e[i], tp_manual(model, v.ids, v.span[0], k - 1, seed_vec_for(0, C)), drift(model, views), "k - 1")
+        assert_differ(e[i], tp_manual(model, v.ids, v.pst, k - 1, seed_vec_for(0, C)), drift(model, views), "k - 1")
         if k < model.args.num_hidden_layers - 1:
-            assert_differ(e[i], tp_manual(model, v.ids, v.span[0], k + 1, seed_vec_for(0, C)), drift(model, views), "k + 1")
+            assert_differ(e[i], tp_manual(model, v.ids, v.pst, k + 1, seed_vec_for(0, C)), drift(model, views), "k + 1")
 
 
 def test_tp_placeholder_seed_and_early_exit(model, tok):
-    e, views = run(TokenPrepending(k=2, exit_layer=-2, placeholder_seed=5, normalize=False), model, tok, [TEXTS[0]])
+    e, views = run(TokenPrepending(prepend_layers=2, exit_layer=-2, placeholder_seed=5, normalize=False), model, tok, [TEXTS[0]])
     v = views[0][0]
     seed5 = seed_vec_for(5, model.args.hidden_size)
-    assert_close(e[0], tp_manual(model, v.ids, v.span[0], 2, seed5, exit_layer=-2), drift(model, views), "seed 5, exit -2")
-    assert_differ(e[0], tp_manual(model, v.ids, v.span[0], 2, seed_vec_for(0, model.args.hidden_size), exit_layer=-2),
+    assert_close(e[0], tp_manual(model, v.ids, v.pst, 2, seed5, exit_layer=-2), drift(model, views), "seed 5, exit -2")
+    assert_differ(e[0], tp_manual(model, v.ids, v.pst, 2, seed_vec_for(0, model.args.hidden_size), exit_layer=-2),
                   drift(model, views), "seed 5 vs seed 0")
 
 
 def test_tp_text_spelling_the_placeholder_is_not_replaced(model, tok):
     v = TokenPrepending().prepare(tok, "a <PST> b", None, None)[0]
-    assert v.ids.count(0) == 2 and v.ids.index(0) == v.span[0]  # the template's marker is the first
-    e, views = run(TokenPrepending(k=2, normalize=False), model, tok, ["a <PST> b"])
-    assert_close(e[0], tp_manual(model, v.ids, v.span[0], 2, seed_vec_for(0, model.args.hidden_size)),
+    assert v.ids.count(0) == 2 and v.ids.index(0) == v.pst  # the template's marker is the first
+    e, views = run(TokenPrepending(prepend_layers=2, normalize=False), model, tok, ["a <PST> b"])
+    assert_close(e[0], tp_manual(model, v.ids, v.pst, 2, seed_vec_for(0, model.args.hidden_size)),
                  drift(model, views), "text spelling <PST>")
 
 
@@ -325,7 +323,7 @@ def test_tp_text_spelling_the_placeholder_is_not_replaced(model, tok):
 @pytest.mark.parametrize("name", sorted(BASELINES))
 def test_batch_invariance(models, family, name, tok):
     model = models(family)
-    switches = {"k": 2} if name == "token_prepending" else {}
+    switches = {"prepend_layers": 2} if name == "token_prepending" else {}
     m = BASELINES[name](**switches)
     together, views = run(m, model, tok, TEXTS[:3])  # rows of different lengths, right-padded together
     for i, text in enumerate(TEXTS[:3]):

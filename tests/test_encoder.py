@@ -80,15 +80,18 @@ def test_similarity(emb):
     assert isinstance(ts, torch.Tensor)
 
 
-def test_unsupported_options_raise(emb):
+def test_options_that_cannot_apply_raise(emb):
     with pytest.raises(TypeError, match="unsupported"):
-        emb.encode(TEXTS, precision="int8")
-    with pytest.raises(ValueError, match="normalize"):
-        emb.encode(TEXTS, normalize_embeddings=False)
+        emb.encode(TEXTS, colour="blue")
+    with pytest.raises(ValueError, match="output_value"):
+        emb.encode(TEXTS, output_value="token_embeddings")  # one pooled vector per text: no token states here
+    with pytest.raises(ValueError, match="pool"):
+        emb.encode(TEXTS, pool=object())
     with pytest.raises(ValueError, match="prompt_name"):
         emb.encode(TEXTS, prompt_name="passage")
-    with pytest.raises(ValueError, match="device"):
-        emb.encode(TEXTS, device="meta")
+    for device in ("meta", "bogus", "cuda:7"):
+        with pytest.raises(ValueError, match="device"):
+            emb.encode(TEXTS, device=device)
 
 
 def test_switches_reach_the_method_and_the_fingerprint(folder, emb):

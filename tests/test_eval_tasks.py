@@ -119,10 +119,12 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
 
 
 def test_cli_parses_switches_and_method_specs():
-    assert cli_eval.parse_layers("3,4,5") == [3, 4, 5] == cli_eval.parse_layers("3-5") == cli_eval.parse_layers("3+4+5")
-    assert cli_eval.parse_layers("auto") == "auto"
+    from kvembed.switches import parse_layers
+
+    assert parse_layers("3,4,5") == [3, 4, 5] == parse_layers("3-5") == parse_layers("3+4+5")
+    assert parse_layers("auto") == "auto"
     assert cli_eval.parse_method("kvembedding:bias=2:layers=10-12:rope-mode=position0") == (
-        "kvembedding", {"bias": 2.0, "layers": [10, 11, 12], "rope_mode": "position0"})
+        "kvembedding", {"bias": 2.0, "layers": (10, 11, 12), "rope_mode": "position0"})
     with pytest.raises(Exception, match="key=value"):
         cli_eval.parse_method("kvembedding:colour=blue")
     import argparse
@@ -130,6 +132,10 @@ def test_cli_parses_switches_and_method_specs():
     p = argparse.ArgumentParser()
     cli_eval.add_arguments(p)
     args = p.parse_args(["--methods", "kvembedding,mean", "--bias", "0.5", "--no-normalize", "--layers", "none"])
+    # A flag goes to every listed method that takes it (mean takes no bias or layers).
     assert cli_eval.method_list(args) == [
         ("kvembedding", "kvembedding", {"layers": "none", "bias": 0.5, "normalize": False}),
-        ("mean", "mean", {"layers": "none", "bias": 0.5, "normalize": False})]
+        ("mean", "mean", {"normalize": False})]
+    args = p.parse_args(["--methods", "mean,last", "--bias", "0.5"])
+    with pytest.raises(ValueError, match="bias"):
+        cli_eval.method_list(args)  # a flag no listed method takes is refused, never ignored

@@ -24,6 +24,8 @@ import torch
 from scipy.spatial.distance import cdist
 
 from kvembed import layer_select as ls
+from kvembed import selections
+from kvembed.cli import main
 from kvembed.config import ModelArgs
 from kvembed.method import RAW_TEMPLATE, fill
 from kvembed.model import Decoder
@@ -122,15 +124,34 @@ def test_nearest_two_is_exact_where_the_gram_trick_cancels():
     assert_close(r1[:2], [1e-6, 1e-6], tol, "r1 of the close pair")
 
 
-def test_twonn_drops_duplicates():
+def test_twonn_fits_on_the_unique_points():
+    """Duplicates change nothing: a duplicate has no mu (r1 = 0), and it must not be another point's neighbour
+    either (that point would get r1 = r2, mu = 1, and pull the slope up: 3.08 -> 3.70 on 3-D data before)."""
     rng = np.random.default_rng(7)
-    x = embed(rng.standard_normal((1000, 5)), 100, rng)
-    dup = np.concatenate([x, x[:50]])  # 100 points now have r1 = 0; mu would be inf for them
-    est = ls.twonn(dup)
-    assert np.isfinite(est)
-    # As in test_twonn_equals_the_obvious_implementation: distances over C, then the fit over ~N.
-    assert_close(est, reference_twonn(dup), drift(np.float64, terms=len(dup), depth=2), "TwoNN with duplicates")
-    assert abs(est - 5.0) <= 1.0
+    x = embed(rng.standard_normal((500, 3)), 20, rng)
+    dup = np.concatenate([x, x[:100]])
+    # The same unique points, centred by a mean summed in another order: distances over C, the fit over ~N.
+    tol = drift(np.float64, terms=len(dup), depth=2)
+    assert_close(ls.twonn(dup), ls.twonn(x), tol, "TwoNN with 100 duplicates vs without")
+    assert abs(ls.twonn(x) - 3.0) <= 0.4
+    # The old way (duplicates kept as neighbours of others) is measurably biased on the same data.
+    assert reference_twonn(dup) > ls.twonn(x) + 0.3
+
+
+def test_twonn_equals_scikit_dimension_on_unique_points():
+    """An independent implementation (scikit-dimension's TwoNN, same convention: F_i = i/N, slope through the
+    origin on the smallest 90% of mu). It keeps duplicates as neighbours, so it is compared on unique points."""
+    skdim = pytest.importorskip("skdim", reason="scikit-dimension is a test dependency (pip install -e .[test])")
+    import warnings
+
+    rng = np.random.default_rng(11)
+    for d, n, c in ((3, 500, 20), (5, 800, 40), (2, 300, 3)):
+        x = embed(rng.standard_normal((n, d)), c, rng)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            theirs = skdim.id.TwoNN().fit(x).dimension_
+        # float64 distances (theirs from a full distance matrix, ours by differencing) and the same fit over ~N.
+        assert_close(ls.twonn(x), theirs, drift(np.float64, terms=n, depth=2), f"TwoNN vs skdim, {d}-D in {c}-D")
 
 
 @pytest.mark.parametrize(
@@ -261,6 +282,10 @@ class CountingModel(torch.nn.Module):
         return self.model(*args, **kwargs)
 
 
+def sel_cached(model, tok, texts, **kw):
+    return selections.cached_selection(model, tok, texts, **kw)
+
+
 CORPUS = [f"sentence number {i} talks about {w}" for i, w in enumerate(("cats dogs rain code maps tea " * 6).split())]
 
 
@@ -268,37 +293,37 @@ def test_select_layers_cache(tiny_model, tmp_path):
     model, tok = tiny_model
     counted = CountingModel(model)
     kw = dict(n=20, seed=0, fingerprint="tiny-llama", cache_dir=tmp_path, batch_size=8)
-    first = ls.select_layers(counted, tok, CORPUS, **kw)
+    first = sel_cached(counted, tok, CORPUS, **kw)
     assert counted.calls == 3  # 20 texts in batches of 8
     assert first.n_texts == 20 and len(first.ids) == 4 and first.layers == ls.select_window(first.ids, 4)
     assert len(list(tmp_path.glob("*.json"))) == 1
 
-    again = ls.select_layers(counted, tok, CORPUS, **kw)
+    again = sel_cached(counted, tok, CORPUS, **kw)
     assert counted.calls == 3  # served from disk
     assert again == first
 
-    ls.select_layers(counted, tok, CORPUS, **{**kw, "n": 21})  # different N: different key, runs
+    sel_cached(counted, tok, CORPUS, **{**kw, "n": 21})  # different N: different key, runs
     assert counted.calls == 6
-    ls.select_layers(counted, tok, CORPUS[:-1], **kw)  # different corpus: different key, runs
+    sel_cached(counted, tok, CORPUS[:-1], **kw)  # different corpus: different key, runs
     assert counted.calls == 9
-    ls.select_layers(counted, tok, CORPUS, **{**kw, "seed": 1})
+    sel_cached(counted, tok, CORPUS, **{**kw, "seed": 1})
     assert counted.calls == 12
     assert len(list(tmp_path.glob("*.json"))) == 4
 
 
-def test_select_layers_without_fingerprint_writes_nothing(tiny_model, tmp_path):
+def test_select_layers_is_pure_and_repeats(tiny_model, tmp_path):
     model, tok = tiny_model
     counted = CountingModel(model)
-    a = ls.select_layers(counted, tok, CORPUS[:10], n=10, fingerprint=None, cache_dir=tmp_path)
-    b = ls.select_layers(counted, tok, CORPUS[:10], n=10, fingerprint=None, cache_dir=tmp_path)
-    assert counted.calls == 2 and a == b and not any(tmp_path.iterdir())
+    a = ls.select_layers(counted, tok, CORPUS[:10], n=10)
+    b = ls.select_layers(counted, tok, CORPUS[:10], n=10)
+    assert counted.calls == 2 and a == b and a.fingerprint is None
 
 
 def test_cache_key_covers_every_input():
     base = ("fp", "sha", 1000, 0, ls.DOCUMENT_TEMPLATE, 512)
-    keys = {ls.cache_key(*base)}
+    keys = {selections.cache_key(*base)}
     for i, other in enumerate(("fp2", "sha2", 999, 1, "{text}", 256)):
-        keys.add(ls.cache_key(*base[:i], other, *base[i + 1 :]))
+        keys.add(selections.cache_key(*base[:i], other, *base[i + 1 :]))
     assert len(keys) == 7
 
 
@@ -306,12 +331,12 @@ def test_a_corrupt_or_foreign_cache_file_is_recomputed(tiny_model, tmp_path):
     model, tok = tiny_model
     counted = CountingModel(model)
     kw = dict(n=10, fingerprint="tiny", cache_dir=tmp_path)
-    sel = ls.select_layers(counted, tok, CORPUS, **kw)
+    sel = sel_cached(counted, tok, CORPUS, **kw)
     (path,) = tmp_path.glob("*.json")
     path.write_text("{not json")
-    assert ls.select_layers(counted, tok, CORPUS, **kw) == sel and counted.calls == 2
+    assert sel_cached(counted, tok, CORPUS, **kw) == sel and counted.calls == 2
     path.write_text(json.dumps({**sel.to_dict(), "fingerprint": "someone else"}))
-    assert ls.select_layers(counted, tok, CORPUS, **kw) == sel and counted.calls == 3
+    assert sel_cached(counted, tok, CORPUS, **kw) == sel and counted.calls == 3
 
 
 def test_sample_is_seeded_and_all_when_fewer():
@@ -325,18 +350,21 @@ def test_sample_is_seeded_and_all_when_fewer():
 # ------------------------------------------------------------------------------------ corpora, output
 
 
-def test_read_id_corpus(tmp_path):
+def test_read_corpus(tmp_path):
+    """The one reading rule of kvembed/files.py: JSON lines by field, other files a text per line (kept as is)."""
     p = tmp_path / "c.jsonl"
     p.write_text('{"text": "a b c", "source": "x"}\n\n{"text": "line\\ntwo"}\n')
-    assert ls.read_id_corpus(p) == ["a b c", "line\ntwo"]
+    assert selections.read_corpus(p) == ["a b c", "line\ntwo"]
     t = tmp_path / "c.txt"
     t.write_text("one\n\n two \n")
-    assert ls.read_id_corpus(t) == ["one", "two"]
+    assert selections.read_corpus(t) == ["one", "", " two "]
     p.write_text('{"text": "ok"}\n{"txt": "no"}\n')
-    with pytest.raises(ValueError, match="line 2"):
-        ls.read_id_corpus(p)
-    with pytest.raises(ValueError, match="unknown format"):
-        ls.read_id_corpus(_touch(tmp_path / "c.csv"))
+    with pytest.raises(ValueError, match=":2: "):
+        selections.read_corpus(p)
+    with pytest.raises(ValueError, match="not read as texts"):
+        selections.read_corpus(_touch(tmp_path / "c.json"))
+    with pytest.raises(ValueError, match="does not exist"):
+        selections.read_corpus(tmp_path / "gone.jsonl")
 
 
 def _touch(path):
@@ -345,7 +373,7 @@ def _touch(path):
 
 
 def test_read_the_shared_id_corpus():
-    texts = ls.read_id_corpus(ID_CORPUS)
+    texts = selections.read_corpus(ID_CORPUS)
     assert len(texts) == 2000 and all(t.strip() for t in texts)
 
 
@@ -366,11 +394,10 @@ def test_selection_json_round_trip_and_shipped_lookup(tmp_path, monkeypatch):
     sel = ls.LayerSelection(layers=[3, 4], ids=[9.0, 8.0, 7.0, 1.0, 2.0], skip=1, m=3, n_texts=5,
                             corpus_sha256="ab", seed=0, fingerprint="fp-default")
     assert ls.LayerSelection.from_dict(json.loads(json.dumps(sel.to_dict()))) == sel
-    shipped = tmp_path / "shipped.json"
-    shipped.write_text(json.dumps(sel.to_dict()))
-    monkeypatch.setattr(ls, "SHIPPED", shipped)
-    assert ls.shipped_selection("fp-default") == sel
-    assert ls.shipped_selection("another model") is None
+    (tmp_path / "some-model_layers.json").write_text(json.dumps(sel.to_dict()))
+    monkeypatch.setattr(selections, "SHIPPED_DIR", tmp_path)
+    assert selections.shipped_selection("fp-default") == sel
+    assert selections.shipped_selection("another model") is None
 
 
 def test_cli_select_layers_on_a_checkpoint(tmp_path, capsys):
@@ -379,24 +406,23 @@ def test_cli_select_layers_on_a_checkpoint(tmp_path, capsys):
     folder, _ = tiny.write_checkpoint(tmp_path / "ckpt", "qwen2")
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(CORPUS) + "\n")
-    parser = argparse.ArgumentParser()
-    ls.add_arguments(parser)
     out = tmp_path / "sel.json"
-    argv = ["--model", str(folder), "--corpus", str(corpus), "--n", "12", "--batch-size", "5",
+    argv = ["select-layers", "--model", str(folder), "--corpus", str(corpus), "--n", "12", "--batch-size", "5",
             "--cache-dir", str(tmp_path / "cache"), "--json", str(out)]
-    assert ls.run(parser.parse_args(argv)) == 0
+    assert main(argv) == 0
     printed = capsys.readouterr().out
     sel = ls.LayerSelection.from_dict(json.loads(out.read_text()))
     assert sel.n_texts == 12 and sel.template == ls.DOCUMENT_TEMPLATE and len(sel.ids) == 4
     assert f"selected layers {sel.layers}" in printed and len(printed.splitlines()) == 2 + 4
     assert len(list((tmp_path / "cache").glob("*.json"))) == 1
 
-    ls.run(parser.parse_args(argv + ["--template", "none"]))
+    assert main(argv + ["--template", "none"]) == 0
     assert ls.LayerSelection.from_dict(json.loads(out.read_text())).template == RAW_TEMPLATE
     assert len(list((tmp_path / "cache").glob("*.json"))) == 2
 
-    with pytest.raises(SystemExit, match="pass --corpus"):  # no corpus, and nothing shipped for these weights
-        ls.run(parser.parse_args(["--model", str(folder)]))
+    capsys.readouterr()
+    assert main(["select-layers", "--model", str(folder)]) == 2  # no corpus, and nothing shipped for these weights
+    assert "pass --corpus" in capsys.readouterr().err
 
 
 # --------------------------------------------------------------------------------- the shipped selection
@@ -405,18 +431,18 @@ ID_CORPUS = Path(__file__).resolve().parents[2] / "shared/data/id_corpus/train.j
 
 
 def test_shipped_selection_is_the_rule_applied_to_its_curve():
-    sel = ls.LayerSelection.from_dict(json.loads(ls.SHIPPED.read_text()))
+    sel = ls.LayerSelection.from_dict(json.loads((selections.SHIPPED_DIR / "smollm2-135m_layers.json").read_text()))
     assert len(sel.ids) == 30 and (sel.skip, sel.m) == ls.window_rule(sel.ids, 30)[:2]
     assert sel.layers == ls.select_window(sel.ids, 30)
     assert (sel.n_texts, sel.seed, sel.template, sel.max_length) == (1000, 0, ls.DOCUMENT_TEMPLATE, 512)
-    assert sel.corpus_sha256 == ls.corpus_sha256(ls.read_id_corpus(ID_CORPUS))
-    assert ls.shipped_selection(sel.fingerprint) == sel
+    assert sel.corpus_sha256 == ls.corpus_sha256(selections.read_corpus(ID_CORPUS))
+    assert selections.shipped_selection(sel.fingerprint) == sel
 
 
 @pytest.mark.slow
 def test_shipped_selection_belongs_to_the_default_model(tmp_path_factory):
     # Fails when the default model's converted bytes change (loader or conversion edits): recompute with
-    # `kvembed select-layers --corpus <id_corpus> --json kvembed/data/smollm2_135m_layers.json`.
+    # `kvembed select-layers --corpus <id_corpus> --json kvembed/data/smollm2-135m_layers.json`.
     import os
 
     import weights_loader
@@ -424,4 +450,4 @@ def test_shipped_selection_belongs_to_the_default_model(tmp_path_factory):
 
     cache = Path(os.environ["KVEMBED_CACHE"]) if os.environ.get("KVEMBED_CACHE") else tmp_path_factory.mktemp("kvc")
     loaded = weights_loader.load_model(dm.default_model_path(cache))
-    assert ls.shipped_selection(loaded.fingerprint) is not None
+    assert selections.shipped_selection(loaded.fingerprint) is not None

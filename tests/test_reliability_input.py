@@ -175,7 +175,7 @@ def test_non_string_deep_in_a_generator_names_its_global_index(emb):
 
 @pytest.mark.parametrize("bad", [None, 42, 3.5])
 def test_inputs_that_are_not_iterable(emb, bad):
-    with pytest.raises(TypeError, match="string or an iterable of strings"):
+    with pytest.raises(TypeError, match="string or an ordered sequence of strings"):
         emb.encode(bad)
 
 
@@ -199,7 +199,7 @@ def test_generator_equals_list(emb):
 
 def test_unsupported_option_raises(emb):
     with pytest.raises(TypeError, match="unsupported option"):
-        emb.encode(["a"], truncate_dim=8)
+        emb.encode(["a"], colour="blue")
 
 
 @pytest.mark.parametrize("batch_size", [0, -1, 1.5, "8"])
@@ -236,11 +236,11 @@ def test_ten_thousand_texts_memory_is_bounded_by_the_chunk(emb, monkeypatch):
         nonlocal live
         live -= 1
 
-    def counting_embed(self, model, views, collate_fn):
+    def counting_embed(self, model, views, collate_fn, normalize=None):
         nonlocal embedded, pulled_ahead
         pulled_ahead = max(pulled_ahead, pulled - embedded)
         embedded += len(views)
-        return embed(self, model, views, collate_fn)
+        return embed(self, model, views, collate_fn, normalize)
 
     def texts():
         nonlocal pulled

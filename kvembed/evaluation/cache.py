@@ -18,9 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .tasks import REPO_ROOT
-
-DEFAULT_CACHE_DIR = REPO_ROOT / ".cache" / "eval"
+from kvembed.files import cache_root
 
 # how many texts go to one embedder.encode call: large enough to batch well, small enough for the
 # progress bar to move
@@ -36,8 +34,8 @@ def text_key(text: str) -> bytes:
 class EmbeddingCache:
     """Vectors keyed by (fingerprint, prompt_name, text) in `<cache_dir>/embeddings.sqlite`."""
 
-    def __init__(self, cache_dir: Path | str = DEFAULT_CACHE_DIR):
-        self.path = Path(cache_dir) / "embeddings.sqlite"
+    def __init__(self, cache_dir: Path | str | None = None):
+        self.path = Path(cache_dir if cache_dir is not None else cache_root() / "eval") / "embeddings.sqlite"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=60)
         self._db.execute(
@@ -94,7 +92,8 @@ class CachedEncoder:
     def fingerprint(self) -> str:
         return self.embedder.fingerprint
 
-    def encode(self, texts: list[str], prompt_name: str | None = None, desc: str = "encode") -> np.ndarray:
+    def encode(self, texts: list[str], prompt_name: str | None = None, desc: str = "encode",
+               batch_size: int | None = None) -> np.ndarray:
         texts = list(texts)
         if not texts:
             raise ValueError("CachedEncoder.encode got no texts; an evaluation split must not be empty")
@@ -102,11 +101,11 @@ class CachedEncoder:
         have = self.cache.get(fp, prompt_name, texts) if self.cache is not None else {}
         missing = sorted({t for t in texts if text_key(t) not in have}, key=len, reverse=True)
         if missing:
-            have.update(self._compute(missing, prompt_name, desc))
+            have.update(self._compute(missing, prompt_name, desc, batch_size or self.batch_size))
         out = np.stack([have[text_key(t)] for t in texts])  # (N, dim)
         return out
 
-    def _compute(self, texts: list[str], prompt_name: str | None, desc: str) -> dict[bytes, np.ndarray]:
+    def _compute(self, texts: list[str], prompt_name: str | None, desc: str, batch_size: int) -> dict[bytes, np.ndarray]:
         from tqdm.auto import tqdm
 
         got = {}
@@ -114,7 +113,7 @@ class CachedEncoder:
                   disable=not self.show_progress_bar, dynamic_ncols=True) as bar:
             for i in range(0, len(texts), _CHUNK):
                 part = texts[i:i + _CHUNK]
-                vecs = np.asarray(self.embedder.encode(part, prompt_name=prompt_name, batch_size=self.batch_size,
+                vecs = np.asarray(self.embedder.encode(part, prompt_name=prompt_name, batch_size=batch_size,
                                                        show_progress_bar=False), dtype=np.float32)
                 if vecs.shape[0] != len(part):
                     raise RuntimeError(f"embedder.encode returned {vecs.shape[0]} vectors for {len(part)} texts")

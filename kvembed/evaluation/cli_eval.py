@@ -15,96 +15,92 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import sys
 import time
 import warnings
 from pathlib import Path
 
-from kvembed.cli import parse_layers, switches_from_args
+from kvembed.cli_options import add_model_options, positive_int, switches_from_args
+from kvembed.files import cache_root
+from kvembed.switches import SWITCHES, SwitchError, check, parse
 
-from .tasks import REPO_ROOT, default_data_dir
-
-DTYPES = ("float32", "bfloat16", "float16")
-
-
-_SWITCH_TYPES = {"bias": float, "passes": int, "layers": parse_layers, "rope_mode": str, "pooling": str,
-                 "template": str, "normalize": lambda v: v.lower() in ("1", "true", "yes", "on")}
+from .tasks import default_data_dir
 
 
 def parse_method(spec: str) -> tuple[str, dict]:
-    """`kvembedding:bias=2:layers=3-5` -> ("kvembedding", {"bias": 2.0, "layers": [3, 4, 5]})."""
+    """`kvembedding:bias=2:layers=3-5` -> ("kvembedding", {"bias": 2.0, "layers": (3, 4, 5)}).
+
+    Keys and values are the switches of kvembed/switches.py with the command line's parsers; a switch that does
+    not apply to the method is refused here, before anything runs."""
+    from kvembed.encoder import method_name
+
     name, *parts = spec.strip().split(":")
     switches = {}
     for p in parts:
         key, sep, value = p.partition("=")
         key = key.strip().replace("-", "_")
-        if not sep or key not in _SWITCH_TYPES:
-            raise argparse.ArgumentTypeError(
-                f"method spec {spec!r}: '{p}' is not key=value with key in {', '.join(_SWITCH_TYPES)}")
-        switches[key] = _SWITCH_TYPES[key](value)
+        if not sep or key not in SWITCHES:
+            raise SwitchError(f"method spec {spec!r}: '{p}' is not key=value with key in {', '.join(SWITCHES)}")
+        switches[key] = parse(key, value)
+    name = method_name(name) if name != "lexical_bow" else name
+    if name != "lexical_bow":
+        check(name, switches)
     return name, switches
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("what to run")
-    g.add_argument("--method", default=None, help="one method (default kvembedding)")
     g.add_argument("--methods", default=None,
-                   help="several methods into one table, comma-separated; each may be name:key=value:...")
+                   help="several methods into one table, comma-separated; each may be name:key=value:... "
+                        "(overrides --method)")
     g.add_argument("--tasks", default="all", help="'all' or comma-separated task names or types (default all)")
-    g.add_argument("--model", default=None, help="local folder, hub id or .gguf (default: the default model)")
-    g.add_argument("--dtype", default="float32", choices=DTYPES)
-    g.add_argument("--device", default="cpu")
     g.add_argument("--split", default=None, choices=("test", "validation"),
                    help="reported split (default test; --ablations: validation, and only validation)")
-    g.add_argument("--max-rows", type=int, default=None,
+    g.add_argument("--max-rows", type=positive_int, default=None,
                    help="seeded sample of N rows per scored split (retrieval: N queries, whole corpus)")
     g.add_argument("--seed", type=int, default=0, help="seed of the --max-rows sample (default 0)")
     g.add_argument("--ablations", action="store_true",
                    help="the one-switch-at-a-time grid on STS-B/MRPC/TrecQA validation")
-    g.add_argument("--batch-size", type=int, default=32)
-
-    s = parser.add_argument_group("switches (passed to every method; omitted = the encoder's default)")
-    s.add_argument("--layers", type=parse_layers, default=None, help="auto | none | all | 3,4,5 | 3-5")
-    s.add_argument("--bias", type=float, default=None)
-    s.add_argument("--rope-mode", default=None, choices=("rotated", "position0", "unrotated"))
-    s.add_argument("--passes", type=int, default=None, choices=(1, 2))
-    s.add_argument("--pooling", default=None, choices=("hybrid", "mean", "last"))
-    s.add_argument("--no-normalize", action="store_true", help="keep embeddings unnormalised")
-    s.add_argument("--template", default=None, help="'none' (raw text) or a string with a {text} slot")
-    s.add_argument("--max-length", type=int, default=None,
-                   help="tokens per text (default: the model's context); longer texts are cut on the text side")
+    g.add_argument("--batch-size", type=positive_int, default=32)
+    add_model_options(parser)
 
     o = parser.add_argument_group("files")
     o.add_argument("--data-dir", type=Path, default=None,
-                   help="the data pack (default $KVEMBED_DATA, else ../shared/data next to the repository)")
-    o.add_argument("--out", type=Path, default=REPO_ROOT / "bench" / "results", help="where the report goes")
+                   help="the data pack (default $KVEMBED_DATA, else a shared/data folder next to the checkout or "
+                        "the current directory)")
+    o.add_argument("--out", type=Path, default=Path("bench") / "results",
+                   help="where the report goes (default ./bench/results)")
     o.add_argument("--name", default=None, help="report file stem (default eval, or ablations)")
-    o.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default <repo>/.cache/eval)")
+    o.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default $KVEMBED_CACHE/eval)")
     o.add_argument("--no-cache", action="store_true", help="compute every embedding, store nothing")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def common_switches(args) -> dict:
-    return switches_from_args(args)
-
-
-def method_list(args) -> list[tuple[str, str, dict]]:
-    """(label, method, switches) per requested method."""
-    if args.method and args.methods:
-        raise SystemExit("give --method or --methods, not both")
-    specs = (args.methods.split(",") if args.methods else [args.method or "kvembedding"])
-    out = []
-    for spec in specs:
-        name, own = parse_method(spec)
-        out.append((spec.strip(), name, {**common_switches(args), **own}))
+    out = switches_from_args(args)
+    if args.max_length is not None:
+        out["max_length"] = args.max_length
     return out
 
 
-def _command() -> str:
-    argv = sys.argv[1:]
-    tail = argv[argv.index("eval") + 1:] if "eval" in argv else argv
-    return shlex.join(["kvembed", "eval", *tail])
+def method_list(args) -> list[tuple[str, str, dict]]:
+    """(label, method, switches) per requested method.
+
+    A switch flag goes to every listed method that takes it (`--bias 2` with kvembedding,mean reaches kvembedding
+    only); one that no listed method takes is refused, never ignored. A method's own `name:key=value` wins."""
+    specs = args.methods.split(",") if args.methods else [args.method]
+    common = common_switches(args)
+    out, used = [], {"max_length"}
+    for spec in specs:
+        name, own = parse_method(spec)
+        takes = {k: v for k, v in common.items() if k == "max_length" or name in SWITCHES[k].methods}
+        used |= set(takes)
+        out.append((spec.strip(), name, {**takes, **own}))
+    unused = sorted(set(common) - used)
+    if unused:
+        raise SwitchError(f"--{unused[0].replace('_', '-')} applies to none of the listed methods "
+                          f"({', '.join(s for _, s, _ in out)}); it applies to {', '.join(SWITCHES[unused[0]].methods)}")
+    return out
 
 
 def _quiet_libraries() -> None:
@@ -121,7 +117,7 @@ def _quiet_libraries() -> None:
 def run(args, *, make=None) -> int:
     """Run the table (or the ablation grid), write `<out>/<name>.md|json`, print the markdown."""
     from .ablations import check_split, run_ablations
-    from .cache import DEFAULT_CACHE_DIR, EmbeddingCache
+    from .cache import EmbeddingCache
     from .report import write_report
     from .runners import Table, make_embedder, run_method
     from .tasks import select_tasks
@@ -132,18 +128,19 @@ def run(args, *, make=None) -> int:
     logging.getLogger("kvembed").setLevel(logging.INFO)
     _quiet_libraries()
     data_dir = args.data_dir or default_data_dir()
-    cache = None if args.no_cache else EmbeddingCache(args.cache_dir or DEFAULT_CACHE_DIR)
-    command = getattr(args, "command", None) or _command()
+    cache = None if args.no_cache else EmbeddingCache(args.cache_dir or cache_root() / "eval")
+    command = args.command
     progress = not args.no_progress
 
     if args.ablations:
         split = args.split or "validation"
         check_split(split)
-        if args.method not in (None, "kvembedding") or args.methods:
-            raise SystemExit("--ablations varies the kvembedding switches; drop --method/--methods")
+        if args.method != "kvembedding" or args.methods:
+            raise SwitchError("--ablations varies the kvembedding switches; drop --method/--methods")
         fixed = sorted(set(common_switches(args)) - {"max_length"})
         if fixed:
-            raise SystemExit(f"--ablations varies the switches itself; drop {', '.join('--' + k.replace('_', '-') for k in fixed)}")
+            raise SwitchError(f"--ablations varies the switches itself; drop "
+                              f"{', '.join('--' + k.replace('_', '-') for k in fixed)}")
         table = run_ablations(args.model, split=split, dtype=args.dtype, device=args.device, data_dir=data_dir,
                               max_rows=args.max_rows, seed=args.seed, cache=cache, batch_size=args.batch_size,
                               show_progress_bar=progress, command=command, make=make,
@@ -156,7 +153,8 @@ def run(args, *, make=None) -> int:
         t0 = time.perf_counter()
         runs = []
         for label, method, switches in method_list(args):
-            embedder = make(args.model, method, switches, dtype=args.dtype, device=args.device, data_dir=data_dir)
+            embedder = make(args.model, method, switches, dtype=args.dtype, device=args.device, data_dir=data_dir,
+                            id_corpus=args.id_corpus)
             runs.append(run_method(embedder, specs, split=split, max_rows=args.max_rows, seed=args.seed,
                                    cache=cache, batch_size=args.batch_size, show_progress_bar=progress,
                                    label=label, method=method, switches=switches, model_name=args.model))
@@ -170,12 +168,10 @@ def run(args, *, make=None) -> int:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="kvembed eval", description=__doc__.split("\n")[0])
-    add_arguments(parser)
-    args = parser.parse_args(argv)
-    if argv is not None:
-        args.command = shlex.join(["kvembed", "eval", *argv])
-    return run(args)
+    """`python -m kvembed.evaluation.cli_eval ...` = `kvembed eval ...` (same options, errors and exit codes)."""
+    from kvembed.cli import main as cli_main
+
+    return cli_main(["eval", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ cosine similarity (embeddings are compared by cosine everywhere in kvembed).
 
 from __future__ import annotations
 
+import json
 import re
 from typing import Any
 
@@ -35,14 +36,27 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "-", str(text)).strip("-") or "model"
 
 
+def describe(embedder, name: str | None = None, method: str | None = None, switches: dict | None = None):
+    """(model name, method name, switches) of an embedder: what the mteb name and metadata are made of.
+
+    A KVEmbedder names itself (the folder it loaded and its method's config); other embedders (the lexical
+    floor, test doubles) give what they have. Never an object's repr: that changes from run to run."""
+    m = getattr(embedder, "method", None)
+    config = m.config() if hasattr(m, "config") else {}
+    loaded = getattr(embedder, "loaded", None)
+    model = name or (loaded.path.name if loaded is not None else getattr(embedder, "model_name", None)) or "model"
+    method = method or config.get("method") or (m if isinstance(m, str) else "kvembedding")
+    return model, method, {**{k: v for k, v in config.items() if k != "method"}, **(switches or {})}
+
+
 def build_model_meta(embedder, *, name: str | None = None, method: str | None = None,
                      switches: dict | None = None) -> ModelMeta:
-    method = method or getattr(embedder, "method", None) or "kvembedding"
-    model_name = name or getattr(embedder, "model_name", None) or "default"
+    model, method, config = describe(embedder, name, method, switches)
     dim = embedder.get_embedding_dimension() if hasattr(embedder, "get_embedding_dimension") else None
     return ModelMeta.create_empty(overwrites=dict(
-        # mteb wants "organization/model"; the method is part of the name so tables keep methods apart
-        name=f"kvembed/{_slug(model_name)}__{_slug(method)}",
+        # mteb wants "organization/model"; the method is part of the name so results folders keep methods apart,
+        # and the fingerprint (weights + method + switches + limits) is the revision: stable from run to run.
+        name=f"kvembed/{_slug(model)}__{_slug(method)}",
         revision=str(embedder.fingerprint)[:40],
         embed_dim=dim,
         framework=["PyTorch"],
@@ -51,7 +65,8 @@ def build_model_meta(embedder, *, name: str | None = None, method: str | None = 
         open_weights=True,
         languages=["eng-Latn"],
         training_datasets=set(),
-        experiment_kwargs={"method": method, **{k: str(v) for k, v in (switches or {}).items()}},
+        experiment_kwargs={"method": method, **{k: json.dumps(v) if not isinstance(v, str) else v
+                                                for k, v in config.items()}},
     ))
 
 
@@ -81,4 +96,5 @@ class KVEmbeddingMTEB(AbsEncoder):
         prompt_name = prompt_name_for(prompt_type)
         self.calls.append((task_metadata.name, hf_split, prompt_name))
         short = task_metadata.name.removeprefix("kvembed-local-")
-        return self.encoder.encode(texts, prompt_name, desc=f"{short}/{hf_split}")
+        # mteb passes its encode_kwargs on: its batch_size is honoured, anything else is mteb's own business
+        return self.encoder.encode(texts, prompt_name, desc=f"{short}/{hf_split}", batch_size=kwargs.get("batch_size"))

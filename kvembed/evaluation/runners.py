@@ -18,7 +18,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from .cache import EmbeddingCache
-from .mteb_adapter import KVEmbeddingMTEB
+from .mteb_adapter import KVEmbeddingMTEB, describe
 from .mteb_tasks import build_task
 from .tasks import TaskSpec, default_data_dir
 
@@ -71,7 +71,7 @@ class Table:
 
 
 def make_embedder(model: str | None, method: str, switches: dict | None = None, *, dtype: str = "float32",
-                  device: str = "cpu", data_dir=None):
+                  device: str = "cpu", data_dir=None, id_corpus=None):
     """A kvembed embedder for (model, method, switches); `lexical_bow` needs no model.
 
     KV-Embedding's `layers="auto"` measures intrinsic dimension on the data pack's unlabelled
@@ -86,8 +86,8 @@ def make_embedder(model: str | None, method: str, switches: dict | None = None, 
     from kvembed.encoder import KVEmbedder
 
     extra = {}
-    id_corpus = Path(data_dir or default_data_dir()) / "id_corpus" / "train.jsonl"
-    if method == "kvembedding" and id_corpus.is_file():
+    id_corpus = id_corpus or Path(data_dir or default_data_dir()) / "id_corpus" / "train.jsonl"
+    if method == "kvembedding" and Path(id_corpus).is_file():
         extra["id_corpus"] = str(id_corpus)
     return KVEmbedder.from_pretrained(model, method=method, dtype=dtype, device=device, **extra, **switches)
 
@@ -145,7 +145,7 @@ def run_method(embedder, specs: list[TaskSpec], *, split: str = "test", max_rows
                cache: EmbeddingCache | None = None, batch_size: int = 32, show_progress_bar: bool = True,
                label: str | None = None, method: str | None = None, switches: dict | None = None,
                model_name: str | None = None) -> MethodRun:
-    method = method or getattr(embedder, "method", "kvembedding")
+    method = method or describe(embedder)[1]
     adapter = KVEmbeddingMTEB(embedder, cache=cache, batch_size=batch_size, show_progress_bar=show_progress_bar,
                               name=model_name, method=method, switches=switches)
     t0 = time.perf_counter()

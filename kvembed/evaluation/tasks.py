@@ -4,7 +4,8 @@ Layout (see `<data-dir>/README.md`): one folder per task with a `task.json`
 (`name`, `type`, `main_score`, `splits: {split: rows}`) and one JSON-lines file per split.
 Retrieval keeps `corpus.jsonl`, `queries.jsonl` and `qrels.jsonl` instead (the qrels are the test split).
 
-The data folder is `--data-dir`, else `$KVEMBED_DATA`, else `../shared/data` next to the repository.
+The data folder is `--data-dir`, else `$KVEMBED_DATA`, else the first `shared/data` found next to the source
+checkout, in the current directory or in its parent.
 
 `--max-rows N` keeps N rows of every split a task uses, chosen by `random.Random(seed).sample` over
 row indices (seed 0 unless told) and then put back in file order, so a subset is the same on every
@@ -37,7 +38,8 @@ MAIN_SCORES = {
     "retrieval": "ndcg_at_10",
 }
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+# The source checkout, when kvembed runs from one (an installed wheel has none).
+CHECKOUT = Path(__file__).resolve().parents[2]
 
 
 class TaskDataError(ValueError):
@@ -63,9 +65,15 @@ class TaskSpec:
 
 
 def default_data_dir() -> Path:
-    """`$KVEMBED_DATA` when set, else `../shared/data` relative to the repository root."""
+    """`$KVEMBED_DATA` when set, else the first existing shared/data beside the checkout, in or above the cwd."""
     env = os.environ.get("KVEMBED_DATA")
-    return Path(env) if env else (REPO_ROOT.parent / "shared" / "data")
+    if env:
+        return Path(env)
+    for root in (CHECKOUT.parent, Path.cwd(), Path.cwd().parent):
+        if (root / "shared" / "data").is_dir():
+            return root / "shared" / "data"
+    raise TaskDataError("no data pack found: pass --data-dir or set $KVEMBED_DATA to the folder that holds the "
+                        "task folders (stsb/, banking77/, ...)")
 
 
 def _read_jsonl(path: Path) -> list[dict]:

@@ -21,16 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvembed.scale.parts import (
-    atomic_write,
-    json_bytes,
-    load_part,
-    n_parts,
-    part_range,
-    read_record,
-    sha256_bytes,
-    sha256_file,
-)
+from kvembed.files import atomic_write, sha256_bytes, sha256_file
+from kvembed.scale.parts import json_bytes, load_part, n_parts, part_range, read_record
 
 FORMAT = "kvembed-corpus/1"
 # Fields of run.json that must match for a rerun to reuse parts. The rest ("method" as typed on the

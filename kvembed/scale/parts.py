@@ -14,15 +14,13 @@ run (same run key and row range) and both checksums verify. Anything else is rec
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
-import os
 from pathlib import Path
 
 import numpy as np
 
-TMP_MARK = ".tmp-"
+from kvembed.files import TMP_MARK, atomic_write, sha256_bytes, sha256_file
 
 
 def part_stem(k: int) -> str:
@@ -35,29 +33,6 @@ def n_parts(n_rows: int, part_size: int) -> int:
 
 def part_range(k: int, part_size: int, n_rows: int) -> tuple[int, int]:
     return k * part_size, min((k + 1) * part_size, n_rows)
-
-
-def sha256_bytes(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
-
-
-def sha256_file(path: Path, chunk: int = 1 << 24) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that `path` is either absent, old, or complete — never partial."""
-    tmp = path.with_name(f"{path.name}{TMP_MARK}{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        # Without fsync a power loss after the rename can leave the new name pointing at empty blocks.
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def json_bytes(obj) -> bytes:
