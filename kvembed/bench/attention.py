@@ -74,7 +74,8 @@ def run(head_names, lengths, B: int, dtypes, repeats: int, device, sink: list[di
                     common.emit(dict(name="attention", shape=shape, dtype=str(dtype), device=str(device),
                                      error=f"{type(e).__name__}: {str(e)[:300]}"), sink)
                     continue
-                for cand, label in (("prefix", "prefix_vs_sdpa_causal"), ("unrotated", "unrotated_prefix_vs_sdpa_causal")):
+                for cand, label in (("prefix", "prefix_vs_sdpa_causal"),
+                                    ("unrotated", "unrotated_prefix_vs_sdpa_causal")):
                     common.emit(common.compare(
                         label, times, "sdpa_causal", cand, shape=shape, dtype=dtype, device=device, tokens=B * T,
                         inner=inner, sdpa_backend=kernel[cand], baseline_sdpa=kernel["sdpa_causal"],

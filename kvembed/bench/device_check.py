@@ -131,8 +131,8 @@ def _saver(opts, argv, records, env, dtype):
     def save():
         if opts.no_write:
             return
-        notes = [f"random weights (std 0.02) in the real shapes of {', '.join(opts.models)}; {dtype}; re-routed layers: "
-                 "a middle window as wide as SPEC §1.4's rule gives",
+        notes = [f"random weights (std 0.02) in the real shapes of {', '.join(opts.models)}; {dtype}; "
+                 "re-routed layers: a middle window as wide as SPEC §1.4's rule gives",
                  "timing: CUDA events around each sample after a synchronize; a short call repeats `inner` times per "
                  "sample; sides interleaved; matmul peak (8192^3) in the JSON",
                  "fused_only: the call ran with the math backend excluded (candidate / baseline)"]

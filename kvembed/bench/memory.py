@@ -1,7 +1,7 @@
 """Peak memory (and time) of embedding one long text (B = 1), above the weights, and how it grows with T.
 
-    python -m kvembed.bench.memory --quick          T in {4096, 8192}, KV-Embedding only
-    python -m kvembed.bench.memory --full           T in {1024, 2048, 4096, 8192}, plain and KV-Embedding alternating
+    python -m kvembed.bench.memory --quick          T in {4096, 8192}, plain then KV-Embedding, once each
+    python -m kvembed.bench.memory --full           T in {1024, 2048, 4096, 8192}, twice each, alternating
     python -m kvembed.bench.memory --lengths 8192   any list
 
 Each length runs in a fresh child process (`python -m kvembed.bench.memory --child T`, so it works from an
@@ -142,8 +142,8 @@ def run_child(T: int, opts) -> dict:
 def main(argv=None) -> int:
     argv = common.argv_list(argv)
     p = argparse.ArgumentParser(prog="python -m kvembed.bench.memory", description=__doc__.split("\n\n")[0])
-    common.add_arguments(p, quick="T in {4096, 8192}, KV-Embedding only",
-                         full="T in {1024, 2048, 4096, 8192}, plain and KV-Embedding")
+    common.add_arguments(p, quick="T in {4096, 8192}, one run of each side",
+                         full="T in {1024, 2048, 4096, 8192}, two runs of each side")
     p.add_argument("--lengths", type=int, nargs="+", default=None)
     p.add_argument("--model", default="default", help="'default' (real weights) or a models.CONFIGS shape")
     p.add_argument("--layers", type=int, nargs="+", default=None)
@@ -152,7 +152,7 @@ def main(argv=None) -> int:
     opts = p.parse_args(argv)
     device, dtype = common.setup(opts)
     opts.repeats = opts.repeats or (2 if opts.full else 1)
-    opts.sides = opts.sides or (["plain", "kvembed"] if opts.full else ["kvembed"])
+    opts.sides = opts.sides or ["plain", "kvembed"]
     if opts.child is not None:
         print(json.dumps(child(opts, device, dtype)), flush=True)
         return 0

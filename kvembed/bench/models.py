@@ -96,7 +96,8 @@ def load(name: str, dtype: torch.dtype, device: torch.device, layers: tuple[int,
         loaded = load_model(None, dtype=dtype, device=device)
         model, config, label, tok = loaded.model, dict(loaded.config), "smollm2-135m", loaded.tokenizer
     elif name in CONFIGS:
-        model, config, label, tok = random_model(CONFIGS[name], dtype, device), dict(CONFIGS[name]), f"{name}-shaped", None
+        model, config, label, tok = random_model(CONFIGS[name], dtype, device), dict(CONFIGS[name]), None, None
+        label = f"{name}-shaped"
     else:
         raise SystemExit(f"--model {name!r}: use 'default' or one of {', '.join(CONFIGS)}")
     return BenchModel(label, model, config, layers or middle_window(model.args.num_hidden_layers), tok)
@@ -201,7 +202,8 @@ def data_dir(explicit: str | os.PathLike | None = None) -> Path:
     """--data-dir, else $KVEMBED_DATA, else ../shared/data (from the current folder, then from the checkout)."""
     tries = [Path(explicit)] if explicit else [
         *([Path(os.environ["KVEMBED_DATA"])] if os.environ.get("KVEMBED_DATA") else []),
-        Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data", package_root().parent / "shared" / "data",
+        Path.cwd().parent / "shared" / "data", Path.cwd() / "shared" / "data",
+        package_root().parent / "shared" / "data",
     ]
     for d in tries:
         if all((d / f).is_file() for f in DATA_FILES):

@@ -89,7 +89,8 @@ TARGETS = [
            lambda r: r["name"] == "kvembed_vs_hf_sdpa" and _cpu_fp32(r) and r["shape"].get("rows") == "mixed"
            and r["shape"]["B"] == 32 and r["shape"].get("lengths") == "16..1024" and r["shape"].get("source") == "text",
            lambda r: r["ratio"] >= 1.1,
-           lambda r: f"B={r['shape']['B']} T={_T(r)} ({r['shape'].get('source')}): {r['ratio']:.3f}× {_ratio_noise(r)}"),
+           lambda r: f"B={r['shape']['B']} T={_T(r)} ({r['shape'].get('source')}): {r['ratio']:.3f}× "
+                     f"{_ratio_noise(r)}"),
     Target("One 8192-token text, memory above the weights (KV-Embedding)", "≤ 150 MiB", "memory",
            lambda r: r["name"] == "embed_one_text" and _cpu_fp32(r) and _T(r) == 8192 and "peak_bytes" in r,
            lambda r: r["peak_bytes"] <= 150 * MiB, lambda r: f"{r['peak_bytes'] / MiB:.0f} MiB"),
@@ -198,7 +199,7 @@ def table(records: list[dict]) -> list[str]:
                 row.append("")
             elif c == "peak_bytes":
                 base = r.get("baseline_peak_bytes")
-                row.append(f"{v / MiB:.0f} MiB" + (f" ({r.get('baseline')} {base / MiB:.0f})" if base is not None else ""))
+                row.append(f"{v / MiB:.0f} MiB" + ("" if base is None else f" ({r.get('baseline')} {base / MiB:.0f})"))
             elif c == "fused_only":
                 row.append(f"{v} / {r.get('baseline_fused_only')}")
             else:
@@ -211,7 +212,8 @@ def table(records: list[dict]) -> list[str]:
     errors = [r for r in records if "error" in r]
     if errors:
         lines += ["", "Failed or skipped:", ""]
-        lines += [f"- {r.get('name')} {_fmt_shape(r.get('shape', {}))} {r.get('dtype', '')}: {r['error']}" for r in errors]
+        lines += [f"- {r.get('name')} {_fmt_shape(r.get('shape', {}))} {r.get('dtype', '')}: {r['error']}"
+                  for r in errors]
     return lines
 
 
@@ -244,7 +246,8 @@ def write_perf_md(out: Path) -> Path:
         if script not in results:
             continue
         data = results[script]
-        lines += [f"## {titles[script]} ({data['subset']} subset)", "", *_env_lines(data), "", *table(data["records"]), ""]
+        lines += [f"## {titles[script]} ({data['subset']} subset)", "", *_env_lines(data), "",
+                  *table(data["records"]), ""]
     path = out / "perf.md"
     path.write_text("\n".join(lines))
     return path
