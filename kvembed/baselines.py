@@ -10,8 +10,9 @@ what we match: template, clean-up, special tokens, the tokens and the layer pool
     metaeol            Lei et al., ACL 2024: 8 meta-task prompts, final token of each, averaged
     echo               Springer et al. 2024: the text twice, mean over the second copy's tokens only
     token_prepending   Fu et al., ACL 2025: PromptEOL with a placeholder before the text whose state, in
-                       layers 1..k, is overwritten by the previous layer's final-token state
-    bidirectional      the causal mask removed (key padding kept)
+                       layers 1..k, is overwritten by the previous layer's final-token state; an early layer pooled
+    bidirectional      the causal mask removed (key padding kept), mean over the text's tokens (LLM2Vec)
+PromptEOL, MetaEOL and Token Prepending clean the text up first, as their reference scripts do.
 """
 
 from __future__ import annotations
@@ -22,8 +23,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .method import (DOCUMENT_TEMPLATE, QUERY_TEMPLATE, RAW_TEMPLATE, Encoded, KVEmbedding, Method, Templated,
-                     check_template, encode_text, pool, set_field)
+from .method import Encoded, KVEmbedding, Method, Templated, check_template, encode_text, pool, set_field
 from .model import Decoder, Intervention
 from .switches import SwitchError, check_choice
 
@@ -63,7 +63,7 @@ class Prompted(Templated):
 class Cleaned(Prompted):
     """A prompted method whose reference code cleans the text up before filling its template (`cleanup`)."""
 
-    cleanup: bool = False
+    cleanup: bool = True
 
     def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
         return super().prepare(tokenizer, clean_text(text) if self.cleanup else text, prompt_name, max_length)
@@ -94,13 +94,15 @@ class PromptEOL(Cleaned):
 
 @dataclass(frozen=True)
 class Bidirectional(Prompted):
-    """Every token sees every other (pads hidden): the paper reports that removing the causal mask hurts."""
+    """Every token sees every other (pads hidden): the paper reports that removing the causal mask hurts.
+
+    As LLM2Vec (McGill-NLP/llm2vec, llm2vec.py) embeds without training: the raw text, mean over the text's own
+    tokens (`embed_mask` with `skip_instruction`). Our earlier form is a switch set: KV-Embedding's two templates
+    (`template=`, `query_template=`) with `pooling="hybrid"` (docs/baselines.md)."""
 
     name: ClassVar[str] = "bidirectional"
     CAUSAL: ClassVar[bool] = False
-    DEFAULT_TEMPLATE: ClassVar[str] = DOCUMENT_TEMPLATE
-    DEFAULT_QUERY_TEMPLATE: ClassVar[str] = QUERY_TEMPLATE
-    pooling: str = "hybrid"
+    pooling: str = "text"
 
 
 # ------------------------------------------------------------------------------------- MetaEOL
@@ -148,7 +150,7 @@ class MetaEOL(Method):
     POOLINGS: ClassVar[tuple[str, ...]] = ("last", "mean", "hybrid", "text")
 
     pooling: str = "last"
-    cleanup: bool = False
+    cleanup: bool = True
 
     def __post_init__(self):
         check_choice("metaeol pooling", self.pooling, self.POOLINGS)
@@ -193,7 +195,7 @@ class Echo(Templated):
     name: ClassVar[str] = "echo"
     POOLINGS: ClassVar[tuple[str, ...]] = ("text", "last")
 
-    template: str | None = "repo"
+    template: str | None = "paper"
     pooling: str = "text"
 
     def __post_init__(self):
@@ -279,7 +281,7 @@ class TokenPrepending(Cleaned):
     POOLINGS: ClassVar[tuple[str, ...]] = ("last", "mean", "hybrid", "text")
 
     prepend_layers: int = 6
-    exit_layer: int | str = "final"
+    exit_layer: int | str = -2
     placeholder_seed: int = 0
 
     def __post_init__(self):

@@ -342,7 +342,8 @@ class Templated(Method):
     """A method with a document and a query template and one token view per text.
 
     template / query_template: None = the class's DEFAULT_* (resolved at construction, so `config()` shows the
-    strings in use); "none" = the raw text for both; a query_template left out follows an explicit template.
+    strings in use); "none" = the raw text for both; "kvembedding" = KV-Embedding's two prompts (so a baseline
+    can run with the same prompt); a query_template left out follows an explicit template.
     """
 
     DEFAULT_TEMPLATE: ClassVar[str] = RAW_TEMPLATE
@@ -356,6 +357,8 @@ class Templated(Method):
         template, query = self.template, self.query_template
         if template == "none":
             template = query = RAW_TEMPLATE
+        elif template == "kvembedding":
+            template, query = DOCUMENT_TEMPLATE, query or QUERY_TEMPLATE
         elif template is not None and query is None:
             query = template
         set_field(self, "template", self.check_template(template or self.DEFAULT_TEMPLATE))

@@ -200,25 +200,34 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
     return out[:, :, 1:, :D]
 
 
+# Head widths the fused kernels take: CUDA's flash and memory-efficient kernels want multiples of 8; the CPU flash
+# kernel takes any width, and every width from 65 to 72 costs it about the same (docs/performance.md), so D + 1.
+WIDTH_ALIGN = {"cuda": 8}
+CPU_WIDTH_ALIGN = 1
+
+
+def slot_width(D: int, extra: int, device) -> int:
+    """D + extra + the bias channel, rounded up to what the device's kernel takes."""
+    align = WIDTH_ALIGN.get(torch.device(device).type, CPU_WIDTH_ALIGN)
+    return -(-(D + extra + 1) // align) * align
+
+
 def with_slot(q: Tensor, k: Tensor, v: Tensor, prefix: Prefix, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v with the dummy row / slot 0 prepended and the bias (and q2 . k2) channels appended, width E."""
-    B, Hq, T, D = q.shape
-    Hkv = k.shape[1]
+    D = q.shape[-1]
     extra = 0 if prefix.q2 is None else D
-    E = -(-(D + extra + 1) // 8) * 8  # D + extra + the bias channel, rounded up to a multiple of 8
-    qx = q.new_zeros(B, Hq, T + 1, E)  # row 0 is the dummy query: all zeros but its bias channel
-    qx[:, :, 1:, :D] = q
-    qx[:, :, :, D + extra] = 1.0
-    kx = k.new_zeros(B, Hkv, T + 1, E)
-    kx[:, :, :1, :D] = prefix.k.to(k.dtype)
-    kx[:, :, 1:, :D] = k
-    kx[:, :, 0, D + extra] = prefix.bias / scale
+    E = slot_width(D, extra, q.device)
     if extra:
-        qx[:, :, 1:, D:D + extra] = prefix.q2.to(q.dtype)
+        q = torch.cat((q, prefix.q2.to(q.dtype)), dim=-1)  # (B, Hq, T, 2D)
+        k = F.pad(k, (0, extra))
+    # One pad per tensor adds the zero channels on the right and the zero row 0 on top: (B, H, T + 1, E).
+    qx, kx, vx = (F.pad(t, (0, E - t.shape[-1], 1, 0)) for t in (q, k, v))
+    qx[..., D + extra] = 1.0  # every row's bias channel, the dummy row's included
+    kx[:, :, :1, :D] = prefix.k.to(k.dtype)
+    if extra:
         kx[:, :, :1, D:D + extra] = prefix.k2.to(k.dtype)
-    vx = v.new_zeros(B, Hkv, T + 1, E)
+    kx[:, :, 0, D + extra] = prefix.bias / scale
     vx[:, :, :1, :D] = prefix.v.to(v.dtype)
-    vx[:, :, 1:, :D] = v
     return qx, kx, vx
 
 
@@ -309,7 +318,18 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(I, C, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        # The MLP is the widest tensor of a layer (three (B, T, I) at once): past MLP_CHUNK tokens it runs on
+        # row blocks, which is exact (every row is independent) and keeps memory linear in T with a small slope.
+        B, T, C = x.shape
+        if B * T <= MLP_CHUNK:
+            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        rows = x.reshape(B * T, C)  # (B*T, C)
+        out = torch.cat([self.forward(r[None])[0] for r in rows.split(MLP_CHUNK)])  # (B*T, C)
+        return out.view(B, T, C)
+
+
+# Tokens per MLP block (see MLP.forward): 3 x 1024 x I floats of temporaries, about 19 MiB for SmolLM2.
+MLP_CHUNK = 1024
 
 
 class Block(nn.Module):

@@ -102,8 +102,9 @@ def check_exit_layer(name: str, value):
     return check_int(name, value)
 
 
-# Named templates: `none` is the raw text for every templated method; echo also knows its two template sets.
-TEMPLATE_WORDS = ("none", "paper", "repo")
+# Named templates: `none` is the raw text and `kvembedding` KV-Embedding's two prompts, for every templated
+# method; echo also knows its two template sets, `paper` and `repo`.
+TEMPLATE_WORDS = ("none", "kvembedding", "paper", "repo")
 
 
 # ------------------------------------------------------------------------------------ string parsers
@@ -193,7 +194,8 @@ SWITCHES: dict[str, Switch] = {s.name: s for s in (
     Switch("normalize", ALL_METHODS, parse_bool, check_bool, (True, False), True,
            "L2-normalise the embeddings (the default of encode's normalize_embeddings)"),
     Switch("template", TEMPLATED, str, check_template, None, None,
-           "prompt with a {text} slot, 'none' for the raw text (echo: 'paper' or 'repo'); default: the method's"),
+           "prompt with a {text} slot, 'none' (the raw text), 'kvembedding' (KV-Embedding's prompts); echo: 'paper' or "
+           "'repo'; default: the method's own"),
     Switch("query_template", TEMPLATED, str, check_template, None, None,
            "prompt for queries (prompt_name='query'); default: the method's"),
     Switch("cleanup", CLEANED, parse_bool, check_bool, (True, False), True,

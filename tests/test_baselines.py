@@ -14,8 +14,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from kvembed.baselines import (BASELINES, ECHO_DOCUMENT_TEMPLATE, ECHO_QUERY_TEMPLATE, METAEOL_TEMPLATES,
-                               PROMPTEOL_TEMPLATE, TP_TEMPLATE, Bidirectional, Echo, MetaEOL, TokenPrepending)
+from kvembed.baselines import (BASELINES, ECHO_DOCUMENT_TEMPLATE, ECHO_PAPER_TEMPLATE, ECHO_QUERY_TEMPLATE,
+                               METAEOL_TEMPLATES, PROMPTEOL_TEMPLATE, TP_TEMPLATE, Bidirectional, Echo, MetaEOL,
+                               TokenPrepending, clean_text)
 from kvembed.method import DOCUMENT_TEMPLATE, QUERY_TEMPLATE, collate, encode_text, fill, text_span
 from tests import tiny
 from tests.test_model_parity import ours_from_hf
@@ -113,7 +114,7 @@ def test_single_prompt_pooling(model, tok, name, template, pooling):
     assert m.template == template and m.pooling == pooling
     e, views = run(m, model, tok, TEXTS[:2])
     for i, text in enumerate(TEXTS[:2]):
-        ids = tok.encode(fill(template, text), add_special_tokens=True).ids
+        ids = tok.encode(fill(template, clean_text(text) if getattr(m, "cleanup", False) else text)).ids
         assert views[i][0].ids == ids
         h = hidden_alone(model, ids)
         want = h.mean(0) if pooling == "mean" else h[-1]
@@ -126,7 +127,7 @@ def test_single_prompt_pooling(model, tok, name, template, pooling):
 def test_prompteol_template_and_normalize_off(model, tok):
     assert PROMPTEOL_TEMPLATE == 'This sentence : "{text}" means in one word:"'
     e, views = run(BASELINES["prompteol"](normalize=False), model, tok, [TEXTS[1]])
-    assert views[0][0].prompt == 'This sentence : "a cat sat" means in one word:"'
+    assert views[0][0].prompt == 'This sentence : "a cat sat." means in one word:"'
     assert_close(e[0], hidden_alone(model, views[0][0].ids)[-1], drift(model, views), "prompteol, unnormalised")
     assert_differ(e[0].norm(), torch.tensor(1.0), drift(model, views), "normalize=False keeps the norm")
 
@@ -148,7 +149,7 @@ def test_metaeol_averages_eight_final_tokens(model, tok):
         assert len(views[i]) == 8 and len({tuple(v.ids) for v in views[i]}) == 8
         finals = []
         for t, v in zip(METAEOL_TEMPLATES, views[i]):
-            assert v.prompt == fill(t, text)
+            assert v.prompt == fill(t, clean_text(text))
             finals.append(hidden_alone(model, v.ids)[-1])
         assert_close(e[i], F.normalize(torch.stack(finals).mean(0), dim=-1), drift(model, views), "metaeol mean")
         # Not just one of the prompts: the average differs from each single final token.
@@ -166,7 +167,11 @@ def test_metaeol_truncates_every_view(tok):
 
 
 def test_echo_templates_follow_prompt_name(tok):
-    m = Echo()
+    paper = Echo()  # the paper's zero-shot template, for documents and queries alike
+    assert (paper.template, paper.query_template) == (ECHO_PAPER_TEMPLATE, ECHO_PAPER_TEMPLATE)
+    assert paper.prepare(tok, "a cat", "query", None)[0].prompt == (
+        "Rewrite the following paragraph: a cat. The rewritten paragraph: a cat")
+    m = Echo(template="repo")
     assert (m.template, m.query_template) == (ECHO_DOCUMENT_TEMPLATE, ECHO_QUERY_TEMPLATE)
     assert m.prepare(tok, "a cat", "query", None)[0].prompt == "Query:a cat\nQuery again:a cat"
     for name in (None, "document"):
@@ -175,7 +180,7 @@ def test_echo_templates_follow_prompt_name(tok):
 
 @pytest.mark.parametrize("text", TEXTS)
 def test_echo_span_is_the_second_copy(tok, text):
-    v = Echo().prepare(tok, text, None, None)[0]
+    v = Echo(template="repo").prepare(tok, text, None, None)[0]
     a, b = v.span
     assert b == len(v.ids)  # the template ends with the second copy
     assert tok.decode(v.ids[a:b]) == text  # exactly the text's tokens (the tiny BPE never merges across ':')
@@ -185,7 +190,7 @@ def test_echo_span_is_the_second_copy(tok, text):
 
 def test_echo_span_after_truncation_is_the_cut_text(tok):
     text = " ".join(TEXTS * 10)
-    v = Echo().prepare(tok, text, None, 60)[0]
+    v = Echo(template="repo").prepare(tok, text, None, 60)[0]
     assert v.truncated and len(v.ids) <= 60
     first, second = v.prompt.removeprefix("Document:").split("\nDocument again:")
     assert first == second and text.startswith(first) and len(first) < len(text)  # both copies cut equally
@@ -236,15 +241,24 @@ def test_bidirectional_sees_future_tokens(model, tok):
                   "bidirectional first token")
 
 
-def test_bidirectional_is_the_kv_prompt_without_the_causal_mask(model, tok):
+def test_bidirectional_is_llm2vec_by_default_and_the_kv_prompt_by_switches(model, tok):
     m = Bidirectional()
-    assert (m.template, m.query_template, m.pooling, m.CAUSAL) == (DOCUMENT_TEMPLATE, QUERY_TEMPLATE, "hybrid", False)
+    assert (m.template, m.query_template, m.pooling, m.CAUSAL) == ("{text}", "{text}", "text", False)
+    e, views = run(m, model, tok, TEXTS[:2])
+    for i, text in enumerate(TEXTS[:2]):
+        ids = views[i][0].ids
+        assert ids == tok.encode(text).ids and ids[0] == 1  # the tiny tokenizer's <s>, attended but not pooled
+        h = hidden_alone(model, ids, causal=False)
+        assert_close(e[i], F.normalize(h[1:].mean(0), dim=-1), drift(model, views), f"bidirectional {i}")
+        assert_differ(e[i], F.normalize(h.mean(0), dim=-1), drift(model, views), f"<s> pooled too {i}")
+    old = Bidirectional(template="kvembedding", pooling="hybrid")
+    assert old == Bidirectional(template=DOCUMENT_TEMPLATE, query_template=QUERY_TEMPLATE, pooling="hybrid")
     for prompt_name, template in ((None, DOCUMENT_TEMPLATE), ("query", QUERY_TEMPLATE)):
-        e, views = run(m, model, tok, TEXTS[:2], prompt_name)
+        e, views = run(old, model, tok, TEXTS[:2], prompt_name)
         for i, text in enumerate(TEXTS[:2]):
             assert views[i][0].prompt == fill(template, text)
             h = hidden_alone(model, views[i][0].ids, causal=False)
-            assert_close(e[i], F.normalize((h.mean(0) + h[-1]) / 2, dim=-1), drift(model, views), f"bidirectional {i}")
+            assert_close(e[i], F.normalize((h.mean(0) + h[-1]) / 2, dim=-1), drift(model, views), f"old form {i}")
             hc = hidden_alone(model, views[i][0].ids)
             assert_differ(e[i], F.normalize((hc.mean(0) + hc[-1]) / 2, dim=-1), drift(model, views), f"causal {i}")
 
@@ -281,13 +295,14 @@ def test_tp_placeholder_sits_before_the_text(tok):
     assert v.ids[pos] == 0
     # The authors' added token splits the prompt: the part before it is tokenized on its own.
     assert v.ids[:pos] == tok.encode("This sentence : ", add_special_tokens=True).ids
-    assert v.ids[pos + 1:] == tok.encode(' "a cat sat" means in one word:"', add_special_tokens=False).ids
+    assert v.ids[pos + 1:] == tok.encode(' "a cat sat." means in one word:"', add_special_tokens=False).ids
     assert TP_TEMPLATE == 'This sentence : <PST> "{text}" means in one word:"'
 
 
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_tp_replaces_the_placeholder_in_layers_1_to_k_only(model, tok, k):
-    e, views = run(TokenPrepending(prepend_layers=k, normalize=False), model, tok, TEXTS[:2])
+    # The mechanism on every layer: pool the final norm (the default exit layer is pinned further below).
+    e, views = run(TokenPrepending(prepend_layers=k, normalize=False, exit_layer="final"), model, tok, TEXTS[:2])
     C = model.args.hidden_size
     for i in range(2):
         v = views[i][0]
@@ -311,7 +326,7 @@ def test_tp_placeholder_seed_and_early_exit(model, tok):
 def test_tp_text_spelling_the_placeholder_is_not_replaced(model, tok):
     v = TokenPrepending().prepare(tok, "a <PST> b", None, None)[0]
     assert v.ids.count(0) == 2 and v.ids.index(0) == v.pst  # the template's marker is the first
-    e, views = run(TokenPrepending(prepend_layers=2, normalize=False), model, tok, ["a <PST> b"])
+    e, views = run(TokenPrepending(prepend_layers=2, normalize=False, exit_layer="final"), model, tok, ["a <PST> b"])
     assert_close(e[0], tp_manual(model, v.ids, v.pst, 2, seed_vec_for(0, model.args.hidden_size)),
                  drift(model, views), "text spelling <PST>")
 
@@ -330,3 +345,79 @@ def test_batch_invariance(models, family, name, tok):
         alone, _ = run(m, model, tok, [text])
         assert_close(together[i], alone[0], drift(model, views), f"{name}/{family}: row {i} batched vs alone")
 
+
+
+# ------------------------------------------------------------- pinned as the authors' code would run them
+#
+# One text with quotes, a trailing '?' and no final period. The expected prompts are written out by hand from
+# the reference code (docs/baselines.md), then tokenized: the ids and the pooled positions below owe nothing to
+# kvembed's templates or clean-up code, so a change there that the authors would not make fails here.
+
+FIXTURE = 'the sign said "closed" - why?'
+CLEANED = "the sign said 'closed' - why."  # '"' -> "'", then the final '?' -> '.' (it ends in '?': no '.' added)
+
+
+def pinned(model, tok, method, ids_per_view):
+    """The method's vector for FIXTURE and its views, which must be exactly `ids_per_view`."""
+    e, views = run(method, model, tok, [FIXTURE])
+    assert [v.ids for v in views[0]] == ids_per_view
+    return e[0], views
+
+
+def test_clean_text_is_the_reference_order():
+    assert clean_text(FIXTURE) == CLEANED
+    assert clean_text("no period") == "no period." and clean_text('ends in "quote"') == "ends in 'quote'"
+    assert clean_text("fine.") == "fine." and clean_text("") == ""
+
+
+def test_prompteol_pinned(model, tok):
+    want = tok.encode('This sentence : "' + CLEANED + '" means in one word:"').ids
+    e, views = pinned(model, tok, BASELINES["prompteol"](), [want])
+    assert_close(e, F.normalize(hidden_alone(model, want)[-1], dim=-1), drift(model, views), "prompteol: final token")
+    raw = run(BASELINES["prompteol"](cleanup=False), model, tok, [FIXTURE])[1][0][0]
+    assert raw.ids == tok.encode('This sentence : "' + FIXTURE + '" means in one word:"').ids  # the old form
+
+
+def test_metaeol_pinned(model, tok):
+    want = [tok.encode(t.replace("{text}", CLEANED)).ids for t in METAEOL_TEMPLATES]
+    e, views = pinned(model, tok, MetaEOL(), want)
+    mean = torch.stack([hidden_alone(model, ids)[-1] for ids in want]).mean(0)
+    assert_close(e, F.normalize(mean, dim=-1), drift(model, views), "metaeol: mean of 8 final tokens")
+
+
+def test_echo_pinned(model, tok):
+    head = "Rewrite the following paragraph: " + FIXTURE + ". The rewritten paragraph:"
+    want = tok.encode(head + " " + FIXTURE).ids
+    start = len(tok.encode(head).ids)  # the tiny byte-level BPE splits on the space before the second copy
+    e, views = pinned(model, tok, Echo(), [want])
+    assert views[0][0].span == (start, len(want))
+    h = hidden_alone(model, want)
+    assert_close(e, F.normalize(h[start:].mean(0), dim=-1), drift(model, views), "echo: second copy only")
+
+
+def test_token_prepending_pinned(model, tok):
+    before = tok.encode("This sentence : ").ids
+    after = tok.encode(' "' + CLEANED + '" means in one word:"', add_special_tokens=False).ids
+    want = before + [0] + after  # <PST> splits the prompt, and its id becomes row 0 of the table
+    e, views = pinned(model, tok, TokenPrepending(normalize=False), [want])
+    assert views[0][0].pst == len(before)
+    # k = 6 covers every layer after the first of this 4-layer model; the second-to-last layer's raw output.
+    seed = seed_vec_for(0, model.args.hidden_size)
+    assert_close(e, tp_manual(model, want, len(before), 6, seed, exit_layer=-2), drift(model, views),
+                 "token prepending: final token, layer L-2")
+    assert_differ(e, tp_manual(model, want, len(before), 6, seed), drift(model, views), "final norm instead")
+
+
+def test_bidirectional_pinned(model, tok):
+    want = tok.encode(FIXTURE).ids
+    e, views = pinned(model, tok, Bidirectional(), [want])
+    assert views[0][0].span == (1, len(want))  # everything but <s>
+    h = hidden_alone(model, want, causal=False)
+    assert_close(e, F.normalize(h[1:].mean(0), dim=-1), drift(model, views), "bidirectional: the text's tokens")
+
+
+@pytest.mark.parametrize("name,pool", [("mean", lambda h: h.mean(0)), ("last", lambda h: h[-1])])
+def test_mean_and_last_pinned(model, tok, name, pool):
+    want = tok.encode(FIXTURE).ids
+    e, views = pinned(model, tok, BASELINES[name](), [want])
+    assert_close(e, F.normalize(pool(hidden_alone(model, want)), dim=-1), drift(model, views), name)

@@ -108,3 +108,19 @@ def test_qwen3_head_dim_is_read_not_derived():
     args = ModelArgs.from_hf_config(tiny.hf_config("qwen3").to_dict())
     assert args.head_dim * args.num_attention_heads != args.hidden_size
     assert args.head_dim == 24
+
+
+def test_mlp_in_row_blocks_equals_the_whole(monkeypatch):
+    """Past MLP_CHUNK tokens the MLP runs on row blocks (bounded memory): every row is independent, so the blocks
+    change only how the GEMMs are tiled."""
+    from kvembed import model as model_module
+
+    ours = ours_from_hf(tiny.hf_model("llama"))
+    ids, mask = padded_batch()
+    with torch.no_grad():
+        whole = ours(ids, mask, output_hidden_states=True)
+        monkeypatch.setattr(model_module, "MLP_CHUNK", 4)  # 3 rows of 11 tokens: blocks cut across rows too
+        blocks = ours(ids, mask, output_hidden_states=True)
+    tol = decoder_drift(ours.args, ids.shape[1])
+    for layer, (a, b) in enumerate(zip(blocks.layer_outputs, whole.layer_outputs)):
+        assert_close(a, b, tol, f"layer {layer}, MLP in blocks of 4 tokens")
