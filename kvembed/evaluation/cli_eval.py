@@ -58,6 +58,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                    help="reported split (default test; --ablations: validation, and only validation)")
     g.add_argument("--max-rows", type=positive_int, default=None,
                    help="seeded sample of N rows per scored split (retrieval: N queries, whole corpus)")
+    g.add_argument("--task-rows", type=task_rows, default={},
+                   help="per-task --max-rows, e.g. bbc_news_clustering=800,brown_genres=300")
+    g.add_argument("--max-text-tokens", type=positive_int, default=None,
+                   help="cut every text to its first N tokens before any prompt, the same for every method "
+                        "(long documents; stated in the report)")
     g.add_argument("--seed", type=int, default=0, help="seed of the --max-rows sample (default 0)")
     g.add_argument("--ablations", action="store_true",
                    help="the one-switch-at-a-time grid on STS-B/MRPC/TrecQA validation")
@@ -74,6 +79,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default $KVEMBED_CACHE/eval)")
     o.add_argument("--no-cache", action="store_true", help="compute every embedding, store nothing")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def task_rows(text: str) -> dict:
+    """`name=N,name=N` -> {name: N}."""
+    out = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, sep, n = part.partition("=")
+        if not sep or not n.strip().isdigit() or int(n) < 1:
+            raise argparse.ArgumentTypeError(f"--task-rows {text!r}: use task=N pairs, e.g. stsb=500,brown_genres=300")
+        out[name.strip()] = int(n)
+    return out
 
 
 def common_switches(args) -> dict:
@@ -150,6 +166,10 @@ def run(args, *, make=None) -> int:
     else:
         split = args.split or "test"
         specs = select_tasks(args.tasks, data_dir)
+        unknown = sorted(set(args.task_rows) - {s.name for s in specs})
+        if unknown:
+            raise ValueError(f"--task-rows names {unknown}, which are not among the tasks run "
+                             f"({', '.join(s.name for s in specs)})")
         t0 = time.perf_counter()
         runs = []
         for label, method, switches in method_list(args):
@@ -157,9 +177,11 @@ def run(args, *, make=None) -> int:
                             id_corpus=args.id_corpus)
             runs.append(run_method(embedder, specs, split=split, max_rows=args.max_rows, seed=args.seed,
                                    cache=cache, batch_size=args.batch_size, show_progress_bar=progress,
-                                   label=label, method=method, switches=switches, model_name=args.model))
+                                   label=label, method=method, switches=switches, model_name=args.model,
+                                   task_rows=args.task_rows, max_text_tokens=args.max_text_tokens))
         table = Table(model=args.model or "default", dtype=args.dtype, split=split, max_rows=args.max_rows,
-                      seed=args.seed, command=command, runs=runs, wall_s=round(time.perf_counter() - t0, 3))
+                      seed=args.seed, command=command, runs=runs, wall_s=round(time.perf_counter() - t0, 3),
+                      task_rows=args.task_rows, max_text_tokens=args.max_text_tokens)
         name = args.name or "eval"
     md, js = write_report(table, args.out, name)
     print(md.read_text(encoding="utf-8"))

@@ -79,6 +79,10 @@ class _Local:
     def load_data(self, *args, **kwargs) -> None:  # the data is already in memory
         return None
 
+    def _save_task_predictions(self, predictions, model, prediction_folder, hf_split, hf_subset) -> None:
+        # Kept in memory, never written: the per-row data the intervals are computed from (runners.per_row).
+        self.predictions = predictions
+
 
 class LocalSTS(_Local, AbsTaskSTS):
     min_score = 0
@@ -98,19 +102,56 @@ class LocalPairClassification(_Local, AbsTaskPairClassification):
 
 
 class LocalRetrieval(_Local, AbsTaskRetrieval):
-    pass
+    def task_specific_scores(self, scores, qrels, results, hf_split, hf_subset) -> dict:
+        # mteb's per-query metrics (pytrec_eval), kept for the interval over queries
+        self.per_query = scores
+        return {}
+
+
+TEXT_FIELDS = ("text", "sentence1", "sentence2", "query")
+
+
+def cut_row(row: dict, cut) -> dict:
+    """The row with every text field (and reranking's candidate lists) passed through `cut`."""
+    out = {k: cut(v) if k in TEXT_FIELDS else v for k, v in row.items()}
+    for k in ("positive", "negative"):
+        if k in row:
+            out[k] = [cut(t) for t in row[k]]
+    return out
+
+
+class TextCap:
+    """Cut a text to its first `n` tokens (of the model's tokenizer, no special tokens), the same for every method,
+    so a long document costs at most n tokens plus the method's prompt; counts what it cut."""
+
+    def __init__(self, tokenizer, n: int):
+        self.tokenizer, self.n, self.cut = tokenizer, n, 0
+
+    def __call__(self, text: str) -> str:
+        if len(text) <= self.n:  # a token covers at least one character
+            return text
+        offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
+        if len(offsets) <= self.n:
+            return text
+        self.cut += 1
+        return text[: offsets[self.n - 1][1]]
 
 
 def _label_ids(*splits: list[dict]) -> dict:
     return {name: i for i, name in enumerate(sorted({str(r["label"]) for rows in splits for r in rows}))}
 
 
-def build_task(spec: TaskSpec, split: str, max_rows: int | None = None, seed: int = 0):
-    """An mteb task object for `spec`, scored on `split`, with `max_rows` rows per split used."""
+def build_task(spec: TaskSpec, split: str, max_rows: int | None = None, seed: int = 0, cut=None):
+    """An mteb task object for `spec`, scored on `split`, with `max_rows` rows per split used.
+
+    `cut(text) -> text` (e.g. `TextCap`) shortens every text the same way for every method, before any prompt."""
+    cut = cut or (lambda t: t)
     if spec.type == "retrieval":
         if split != "test":
             raise TaskDataError(f"{spec.name}: retrieval qrels exist for the test split only, not '{split}'")
         corpus, queries, qrels = load_retrieval(spec, max_rows, seed)
+        corpus = [{**d, "text": cut(d["text"])} for d in corpus]
+        queries = [{**q, "text": cut(q["text"])} for q in queries]
         relevant: dict[str, dict[str, int]] = {q["id"]: {} for q in queries}
         for r in qrels:
             relevant[r["query_id"]][r["doc_id"]] = int(r["relevance"])
@@ -122,7 +163,7 @@ def build_task(spec: TaskSpec, split: str, max_rows: int | None = None, seed: in
         )
         return LocalRetrieval(_metadata(spec, split), {"default": {split: data}})
 
-    rows = load_split(spec, split, max_rows, seed)
+    rows = [cut_row(r, cut) for r in load_split(spec, split, max_rows, seed)]
     if not rows:
         raise TaskDataError(f"{spec.name}/{split}: no rows")
     meta = _metadata(spec, split)
@@ -144,7 +185,7 @@ def build_task(spec: TaskSpec, split: str, max_rows: int | None = None, seed: in
             raise TaskDataError(f"{spec.name}: the classifier trains on 'train'; score another split")
         # the train pool is never cut: mteb draws 8 rows per label from it in each of its 10
         # experiments and embeds only those, so cutting it would change the protocol, not the cost
-        train = load_split(spec, "train")
+        train = [cut_row(r, cut) for r in load_split(spec, "train")]
         ids = _label_ids(train, rows)
         ds = {s: Dataset.from_dict({"text": [r["text"] for r in rs], "label": [ids[str(r["label"])] for r in rs]})
               for s, rs in (("train", train), (split, rows))}

@@ -1,8 +1,11 @@
 """Write a `Table` as `<name>.md` (for people) and `<name>.json` (everything, for scripts).
 
-The markdown has one row per method (or ablation setting), one column per task, then the per-type
-averages and the overall average, all main scores x 100; below it, the run's facts (model, dtype,
-split, max-rows, seed, versions, wall time, the exact command) and a per-task timing table.
+The markdown has one row per method (or ablation setting), one column per task with the score and its 95%
+interval, then the per-type and overall averages, all x 100; then the paired differences that answer the
+paper's question per task (KV-Embedding - the same prompt and pooling without re-routing, and KV-Embedding -
+the best baseline on that task), marked where the interval excludes 0; then the run's facts (model, dtype,
+split, sizes, text cap, seed, versions, wall time, the exact command) and a per-task timing table.
+The JSON keeps every per-row score (intervals.py), so any interval can be recomputed without re-embedding.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ import json
 import platform
 from pathlib import Path
 
-from .runners import Table, type_averages
+from .intervals import paired_interval
+from .runners import MethodRun, Table, type_averages
 from .tasks import TASK_TYPES
+
+BASELINE_METHODS = ("mean", "last", "prompteol", "metaeol", "echo", "token_prepending", "bidirectional")
 
 
 def _versions() -> dict:
@@ -30,7 +36,56 @@ def _fmt(x) -> str:
     return "-" if x is None else f"{100 * x:.2f}"
 
 
-def render_markdown(table: Table, meta: dict) -> str:
+def _cell(r) -> str:
+    if r is None or r.score is None:
+        return "-"
+    iv = r.interval
+    if not iv or iv.get("lo") is None:
+        return _fmt(r.score)
+    return f"{100 * r.score:.1f} [{100 * iv['lo']:.1f}, {100 * iv['hi']:.1f}]"
+
+
+def _result(run: MethodRun, task: str):
+    return next((r for r in run.results if r.task == task), None)
+
+
+def is_kv(run: MethodRun, layers_none: bool) -> bool:
+    return run.method == "kvembedding" and (run.switches.get("layers") == "none") == layers_none
+
+
+def paired_rows(table: Table, tasks) -> list[dict]:
+    """Per task: KV-Embedding - the same without re-routing, and KV-Embedding - the best baseline, with intervals."""
+    kv = next((r for r in table.runs if is_kv(r, False) and set(r.switches) <= {"max_length"}), None)
+    none = next((r for r in table.runs if is_kv(r, True) and set(r.switches) <= {"max_length", "layers"}), None)
+    if kv is None:
+        return []
+    out = []
+    for name, kind, _ in tasks:
+        a = _result(kv, name)
+        if a is None or a.score is None or not a.per_row:
+            continue
+        row = {"task": name, "type": kind, "kvembedding": a.score}
+        b = _result(none, name) if none else None
+        if b is not None and b.score is not None and b.per_row:
+            row["vs_none"] = paired_interval(kind, a.per_row, b.per_row).to_dict()
+        base = [(r, _result(r, name)) for r in table.runs if r.method in BASELINE_METHODS]
+        base = [(r, x) for r, x in base if x is not None and x.score is not None and x.per_row]
+        if base:
+            best_run, best = max(base, key=lambda rx: rx[1].score)
+            row["best_baseline"] = best_run.label
+            row["vs_best"] = paired_interval(kind, a.per_row, best.per_row).to_dict()
+        out.append(row)
+    return out
+
+
+def _diff(iv: dict | None) -> str:
+    if not iv:
+        return "-"
+    mark = " **\\***" if iv["lo"] > 0 or iv["hi"] < 0 else ""
+    return f"{100 * iv['point']:+.2f} [{100 * iv['lo']:+.2f}, {100 * iv['hi']:+.2f}]{mark}"
+
+
+def render_markdown(table: Table, meta: dict, paired: list[dict]) -> str:
     tasks = []
     for run in table.runs:
         for r in run.results:
@@ -43,14 +98,30 @@ def render_markdown(table: Table, meta: dict) -> str:
     lines += ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for run in table.runs:
         avgs = type_averages(run)
-        cells = [run.label, run.layers, *[_fmt(run.score(n)) for n, _, _ in tasks],
+        cells = [run.label, run.layers, *[_cell(_result(run, n)) for n, _, _ in tasks],
                  *[_fmt(avgs.get(t)) for t in types], _fmt(avgs.get("avg"))]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Main scores x 100: " + "; ".join(f"{n} {m} ({t})" for n, t, m in tasks) + ".",
-              "`-`: task not run on this split (no such split; never replaced by test).", ""]
+    lines += ["", "Main scores x 100 with their 95% interval: " + "; ".join(f"{n} {m} ({t})" for n, t, m in tasks) +
+              ". Intervals: bootstrap over pairs (STS, pair classification), queries (reranking, retrieval) or "
+              "documents (clustering), 1000 resamples; the t interval over mteb's 10 experiments (classification); "
+              "see docs/evaluation.md.", "`-`: task not run on this split (no such split; never replaced by test).", ""]
+    if paired:
+        lines += ["## Does re-routing help? Paired differences x 100, 95% interval", "",
+                  "Same rows, same resamples (or the same mteb experiments) for both sides; **\\*** marks an "
+                  "interval that excludes 0.", "",
+                  "| task | type | KV-Embedding − no re-routing (`layers=none`) | best baseline | "
+                  "KV-Embedding − best baseline |", "|---|---|---|---|---|"]
+        for p in paired:
+            lines.append(f"| {p['task']} | {p['type']} | {_diff(p.get('vs_none'))} | {p.get('best_baseline', '-')} | "
+                         f"{_diff(p.get('vs_best'))} |")
+        lines.append("")
+    rows = f"{table.max_rows} (seeded sample, seed {table.seed})" if table.max_rows else "all"
+    per_task = ", ".join(f"{k} {v}" for k, v in table.task_rows.items()) or "none"
+    cap = (f"every text cut to its first {table.max_text_tokens} tokens before any prompt (the same cut for every "
+           "method)") if table.max_text_tokens else "none"
     lines += [f"- model: `{table.model}`", f"- dtype: {table.dtype}", f"- split: {table.split}",
-              f"- max-rows: {table.max_rows if table.max_rows else 'all'} (seeded sample, seed {table.seed}; "
-              "retrieval keeps its whole corpus, classification its whole train pool)",
+              f"- rows per task: {rows}; per-task overrides: {per_task} (retrieval keeps its whole corpus, "
+              "classification its whole train pool)", f"- text cap: {cap}",
               f"- wall time: {table.wall_s:.1f} s", f"- date: {meta['date']}",
               "- versions: " + ", ".join(f"{k} {v}" for k, v in meta["versions"].items()),
               f"- command: `{table.command}`", ""]
@@ -70,9 +141,15 @@ def write_report(table: Table, out_dir: Path | str, name: str) -> tuple[Path, Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": _versions()}
-    data = {**table.to_json(), **meta,
+    tasks = []
+    for run in table.runs:
+        for r in run.results:
+            if (r.task, r.type, r.main_score) not in tasks:
+                tasks.append((r.task, r.type, r.main_score))
+    paired = paired_rows(table, tasks)
+    data = {**table.to_json(), **meta, "paired": paired,
             "averages": {run.label: type_averages(run) for run in table.runs}}
     md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
-    md.write_text(render_markdown(table, meta), encoding="utf-8")
-    js.write_text(json.dumps(data, indent=1, default=str) + "\n", encoding="utf-8")
+    md.write_text(render_markdown(table, meta, paired), encoding="utf-8")
+    js.write_text(json.dumps(data, default=str) + "\n", encoding="utf-8")  # per-row lists: compact
     return md, js

@@ -19,7 +19,8 @@ from pathlib import Path
 
 from .cache import EmbeddingCache
 from .mteb_adapter import KVEmbeddingMTEB, describe
-from .mteb_tasks import build_task
+from .intervals import SIMILARITIES, interval
+from .mteb_tasks import TextCap, build_task
 from .tasks import TaskSpec, default_data_dir
 
 log = logging.getLogger(__name__)
@@ -38,6 +39,10 @@ class TaskResult:
     texts_encoded: int = 0
     scores: dict = field(default_factory=dict)
     note: str = ""
+    # what the score is computed from, per unit (intervals.py): intervals can be recomputed from the JSON alone
+    per_row: dict = field(default_factory=dict)
+    # the 95% interval of `score` (intervals.interval)
+    interval: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -65,6 +70,8 @@ class Table:
     runs: list
     wall_s: float = 0.0
     kind: str = "eval"
+    task_rows: dict = field(default_factory=dict)
+    max_text_tokens: int | None = None
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -123,35 +130,68 @@ def _rows(task) -> int:
 
 
 def evaluate_task(adapter: KVEmbeddingMTEB, spec: TaskSpec, split: str = "test", *, max_rows: int | None = None,
-                  seed: int = 0) -> TaskResult:
+                  seed: int = 0, cut=None) -> TaskResult:
     """Score one task with mteb's protocol; `split` is the reported split (classification trains on train)."""
     main = spec.mteb_main_score
     if spec.type == "retrieval" and split != "test" or spec.type != "retrieval" and split not in spec.splits:
         return TaskResult(spec.name, spec.type, split, main, None, note=f"no '{split}' split")
-    task = build_task(spec, split, max_rows, seed)
+    task = build_task(spec, split, max_rows, seed, cut)
     before = adapter.encoder.encoded
     t0 = time.perf_counter()
+    # A prediction folder makes mteb hand its per-row predictions to the task, which keeps them in memory.
     scores = task.evaluate(adapter, split, encode_kwargs={"batch_size": adapter.encoder.batch_size,
-                                                          "show_progress_bar": False})["default"]
+                                                          "show_progress_bar": False},
+                           prediction_folder=Path("unused"))["default"]
     wall = time.perf_counter() - t0
     score = float(scores[main])
     if math.isnan(score):
         log.warning("%s/%s: mteb returned NaN for %s", spec.name, split, main)
+    rows = per_row(spec.type, task, split, scores)
     return TaskResult(spec.name, spec.type, split, main, score, rows=_rows(task), wall_s=round(wall, 3),
-                      texts_encoded=adapter.encoder.encoded - before, scores=_clean(scores))
+                      texts_encoded=adapter.encoder.encoded - before, scores=_clean(scores), per_row=rows,
+                      interval=interval(spec.type, rows).to_dict())
+
+
+# pytrec_eval's per-query name of each retrieval-type main score
+PER_QUERY_METRIC = {"retrieval": "ndcg_cut_10", "reranking": "map_cut_1000"}
+
+
+def per_row(kind: str, task, split: str, scores: dict) -> dict:
+    """What `scores` is computed from, per unit, as plain lists (see intervals.py)."""
+    if kind in PER_QUERY_METRIC:
+        qids = sorted(task.per_query)  # by id, so that two methods' lists pair up
+        return {"query_ids": qids, "per_query": [float(task.per_query[q][PER_QUERY_METRIC[kind]]) for q in qids]}
+    if kind == "classification":
+        return {"per_experiment": [float(e["accuracy"]) for e in scores["scores_per_experiment"]]}
+    data = task.dataset[split]
+    if kind == "clustering":
+        return {"cluster": [int(c) for c in task.predictions[0]], "label": list(data[0]["labels"])}
+    preds = task.predictions
+    if kind == "sts":
+        return {"cosine": [float(x) for x in preds["cosine_scores"]], "gold": [float(x) for x in data["score"]]}
+    if kind == "pair_classification":
+        out = {name: [float(x) for x in preds[name]] for name in SIMILARITIES if name in preds}
+        return {**out, "label": [int(x) for x in data["label"]]}
+    raise ValueError(f"no per-row data for task type {kind!r}")
 
 
 def run_method(embedder, specs: list[TaskSpec], *, split: str = "test", max_rows: int | None = None, seed: int = 0,
                cache: EmbeddingCache | None = None, batch_size: int = 32, show_progress_bar: bool = True,
                label: str | None = None, method: str | None = None, switches: dict | None = None,
-               model_name: str | None = None) -> MethodRun:
+               model_name: str | None = None, task_rows: dict | None = None,
+               max_text_tokens: int | None = None) -> MethodRun:
+    """Every task for one embedder. `task_rows` overrides `max_rows` per task name; `max_text_tokens` cuts every
+    text to its first N tokens before any prompt (the same cut for every method of one model)."""
     method = method or describe(embedder)[1]
+    tokenizer = getattr(embedder, "tokenizer", None)
+    cut = TextCap(tokenizer, max_text_tokens) if max_text_tokens and tokenizer is not None else None
     adapter = KVEmbeddingMTEB(embedder, cache=cache, batch_size=batch_size, show_progress_bar=show_progress_bar,
                               name=model_name, method=method, switches=switches)
     t0 = time.perf_counter()
     results = []
     for spec in specs:
-        r = evaluate_task(adapter, spec, split, max_rows=max_rows, seed=seed)
+        rows = (task_rows or {}).get(spec.name, max_rows)
+        r = evaluate_task(adapter, spec, split, max_rows=rows, seed=seed, cut=cut)
         shown = "skipped (" + r.note + ")" if r.score is None else f"{r.main_score}={r.score:.4f}"
         log.info("%s %s/%s %s rows=%d encoded=%d %.1fs", label or method, spec.name, split, shown, r.rows,
                  r.texts_encoded, r.wall_s)
