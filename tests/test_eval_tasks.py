@@ -109,7 +109,7 @@ def test_cli_writes_table_and_json(tmp_path, capsys):
                         "--out", str(tmp_path), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
     assert rc == 0
     md = (tmp_path / "eval.md").read_text()
-    assert "| lexical_bow | n/a |" in md and "max-rows: 10" in md and "kvembed eval --methods lexical_bow" in md
+    assert "| lexical_bow | n/a |" in md and "rows per task: 10 (seeded" in md and "kvembed eval --methods lexical_bow" in md
     data = json.loads((tmp_path / "eval.json").read_text())
     assert data["split"] == "test" and data["max_rows"] == 10
     [run] = data["runs"]
