@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence, Set
 from itertools import islice
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -161,6 +162,10 @@ class KVEmbedder:
     """Texts in, vectors out: a loaded model, one method (KV-Embedding or a baseline) and sentence-transformers'
     encode contract. Build it with `from_pretrained`."""
 
+    # What from_pretrained loaded: a local path made absolute, a named model or hub id as given, None for the default
+    # model. kvembed.st saves it, so that a saved SentenceTransformer finds the same weights again.
+    name_or_path: str | None = None
+
     def __init__(self, loaded, method, *, max_length: int | None = None, compile: bool = False,
                  prompts: dict | None = None, default_prompt_name: str | None = None,
                  truncate_dim: int | None = None, similarity_fn_name: str = "cosine"):
@@ -215,8 +220,12 @@ class KVEmbedder:
 
                 layers = auto_layers(loaded, id_corpus)
             switches["layers"] = resolve_layers(layers, loaded.args.num_hidden_layers)
-        return cls(loaded, METHODS[name](**switches), max_length=max_length, compile=compile, prompts=prompts,
-                   default_prompt_name=default_prompt_name, truncate_dim=truncate_dim)
+        emb = cls(loaded, METHODS[name](**switches), max_length=max_length, compile=compile, prompts=prompts,
+                  default_prompt_name=default_prompt_name, truncate_dim=truncate_dim)
+        if name_or_path is not None:
+            local = Path(name_or_path).expanduser()
+            emb.name_or_path = str(local.resolve()) if local.exists() else str(name_or_path)
+        return emb
 
     # ------------------------------------------------------------------------------ identity
 
