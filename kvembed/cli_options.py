@@ -42,11 +42,11 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
     for sw in SWITCHES.values():
         flag = "--" + sw.name.replace("_", "-")
         helptext = f"{sw.help} [{', '.join(sw.methods) if len(sw.methods) < 8 else 'every method'}]"
-        if sw.choices == (True, False):
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=helptext)
-        else:
-            g.add_argument(flag, type=switch_type(sw.name), default=None, help=helptext,
-                           choices=sw.choices, metavar=sw.name.upper() if sw.choices is None else None)
+        # Booleans take a value (--normalize false): a bare flag would turn "--normalize False" into a flag plus
+        # a text to embed.
+        metavar = "{true,false}" if sw.choices == (True, False) else sw.name.upper() if sw.choices is None else None
+        g.add_argument(flag, type=switch_type(sw.name), default=None, help=helptext, choices=sw.choices,
+                       metavar=metavar)
 
 
 def add_model_options(p: argparse.ArgumentParser, *, device: str = "cpu") -> None:

@@ -31,7 +31,8 @@ import torch.distributed as dist
 
 from kvembed.cli_options import add_model_options, embedder_from_args, positive_int, switches_from_args
 from kvembed.scale.inputs import read_rows, scan_jsonl
-from kvembed.scale.manifest import FORMAT, assemble, check_or_claim, load_corpus_embeddings, run_key
+from kvembed.scale.manifest import (FORMAT, OutdirError, assemble, check_or_claim, intact, load_corpus_embeddings,
+                                   run_key)
 from kvembed.scale.parts import finished_record, json_bytes, n_parts, part_range, remove_stale_tmp, write_part
 from kvembed.scale.progress import Progress, fmt_seconds
 
@@ -164,7 +165,14 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
         "batch_size": batch_size,
         "dim": int(embedder.get_embedding_dimension()),
     }
+    if index.duplicates:
+        config["duplicate_ids"] = index.duplicates  # informational: rows are positional, every one is kept
+        say(f"[rank {rank}] warning: {index.duplicates['count']} row(s) repeat an earlier id (first: "
+            f"{index.duplicates['examples'][:3]}); every row is embedded and kept in input order, so look rows up "
+            "by position, or give unique ids")
     key = run_key(config)
+    if outdir.exists() and not outdir.is_dir():
+        raise OutdirError(f"{outdir} is a file, not a folder; give embed-corpus a folder for its output")
     outdir.mkdir(parents=True, exist_ok=True)
     # Every rank checks (they all see the same run.json); only rank 0 writes it and sweeps temporary files
     # of killed writers, while the others wait at the barrier and so cannot be writing.
@@ -213,10 +221,14 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
 
     t_asm = time.monotonic()
     manifest_path = outdir / "manifest.json"
-    # A rerun that computed nothing over a committed manifest of this run has nothing to assemble.
+    # A rerun that computed nothing over a committed, intact manifest of this run has nothing to assemble; the
+    # final files are checked against their recorded sha256 first, so a damaged one is rebuilt from the parts.
     already = (not any(r["parts_computed"] for r in ranks) and manifest_path.is_file()
                and json.loads(manifest_path.read_text(encoding="utf-8")).get("run_key") == key
-               and (outdir / "embeddings.npy").is_file() and (outdir / "ids.json").is_file())
+               and intact(outdir))
+    if not already and manifest_path.is_file() and not any(r["parts_computed"] for r in ranks):
+        say(f"[rank 0] {outdir}: embeddings.npy or ids.json does not match manifest.json; rebuilding them from the "
+            "verified parts")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if already else assemble(outdir, config, n_rows)
     computed = sum(r["rows_computed"] for r in ranks)
     summary = {

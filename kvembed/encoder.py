@@ -174,7 +174,7 @@ class KVEmbedder:
         self.method = method
         self.dtype = next(self.model.parameters()).dtype
         # Texts longer than this are cut (SPEC §1.1). Default: the model's trained context.
-        self.max_seq_length = max_length or self.args.max_position_embeddings
+        self.max_seq_length = max_length if max_length is not None else self.args.max_position_embeddings
         self.compiled = compile
         self._forward_model = torch.compile(self.model, dynamic=False) if compile else self.model
         if compile:

@@ -186,11 +186,52 @@ def test_reader_detects_a_changed_file_and_handles_an_empty_corpus(tmp_path):
     with open(tmp_path / "out" / "embeddings.npy", "r+b") as f:
         f.seek(-1, 2)
         f.write(b"\x7f")
-    load_corpus_embeddings(tmp_path / "out")  # cheap open: no hashing
+    load_corpus_embeddings(tmp_path / "out", verify=False)  # the cheap open, for a folder one trusts
     with pytest.raises(OutdirError, match="sha256 differs"):
-        load_corpus_embeddings(tmp_path / "out", verify=True)
+        load_corpus_embeddings(tmp_path / "out")  # verified by default
     empty = tmp_path / "empty.jsonl"
     empty.write_text("\n")
     embed_corpus(empty, tmp_path / "e", FakeEmbedder(), **OPTS)
     ids, matrix = load_corpus_embeddings(tmp_path / "e", verify=True)
     assert ids == [] and matrix.shape == (0, DIM)
+
+
+# ------------------------------------------------------------- red-team inputs: nothing lost, nothing silent
+
+
+def test_a_damaged_final_file_is_rebuilt_on_rerun_not_reused(tmp_path):
+    inp = make_input(tmp_path / "in.jsonl", n=30)
+    out = tmp_path / "out"
+    embed_corpus(inp, out, FakeEmbedder(), **OPTS)
+    good = (out / "embeddings.npy").read_bytes()
+    with open(out / "embeddings.npy", "r+b") as f:  # same size, one byte changed
+        f.seek(-4, 2)
+        f.write(b"\x00\x00\xc0\x7f")
+    fake = FakeEmbedder()
+    summary = embed_corpus(inp, out, fake, **OPTS)
+    assert fake.calls == [] and summary["assembled"]  # nothing recomputed: the parts are intact; rebuilt from them
+    assert (out / "embeddings.npy").read_bytes() == good
+    ids, matrix = load_corpus_embeddings(out)  # verified by default
+    assert len(ids) == 30
+
+
+def test_an_outdir_that_is_a_file_is_one_error(tmp_path):
+    inp = make_input(tmp_path / "in.jsonl", n=5)
+    (tmp_path / "out").write_text("a file")
+    with pytest.raises(OutdirError, match="is a file"):
+        embed_corpus(inp, tmp_path / "out", FakeEmbedder(), **OPTS)
+
+
+def test_duplicate_ids_warn_and_are_recorded_and_every_row_is_kept(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    rows = [{"id": "a", "text": "one"}, {"id": "b", "text": "two"}, {"id": "a", "text": "three"},
+            {"id": 1, "text": "four"}, {"id": "1", "text": "five"}]  # 1 and "1" are different ids
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    log = tmp_path / "log.txt"
+    with open(log, "w") as f:
+        embed_corpus(inp, tmp_path / "out", FakeEmbedder(), part_size=10, batch_size=4, log=f)
+    assert "1 row(s) repeat an earlier id" in log.read_text()
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["duplicate_ids"] == {"count": 1, "examples": [{"id": "a", "line": 3}]}
+    ids, matrix = load_corpus_embeddings(tmp_path / "out")
+    assert ids == ["a", "b", "a", 1, "1"] and np.array_equal(matrix[2], vec("three"))

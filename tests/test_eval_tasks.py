@@ -15,7 +15,7 @@ from kvembed.evaluation.lexical import HashingBowEmbedder
 from kvembed.evaluation.mteb_tasks import build_task
 from kvembed.evaluation.runners import _rows, run_method, type_averages
 from kvembed.evaluation.tasks import (TASK_TYPES, TaskDataError, default_data_dir, list_tasks, load_retrieval,
-                                      load_split, sample_indices, select_tasks)
+                                      load_spec, load_split, sample_indices, select_tasks)
 
 DATA = default_data_dir()
 CHEAP = "stsb,amazon_counterfactual_en,bbc_news_clustering,brown_genres,mrpc,trecqa,cranfield"
@@ -131,7 +131,7 @@ def test_cli_parses_switches_and_method_specs():
 
     p = argparse.ArgumentParser()
     cli_eval.add_arguments(p)
-    args = p.parse_args(["--methods", "kvembedding,mean", "--bias", "0.5", "--no-normalize", "--layers", "none"])
+    args = p.parse_args(["--methods", "kvembedding,mean", "--bias", "0.5", "--normalize", "false", "--layers", "none"])
     # A flag goes to every listed method that takes it (mean takes no bias or layers).
     assert cli_eval.method_list(args) == [
         ("kvembedding", "kvembedding", {"layers": "none", "bias": 0.5, "normalize": False}),
@@ -139,3 +139,50 @@ def test_cli_parses_switches_and_method_specs():
     args = p.parse_args(["--methods", "mean,last", "--bias", "0.5"])
     with pytest.raises(ValueError, match="bias"):
         cli_eval.method_list(args)  # a flag no listed method takes is refused, never ignored
+
+
+# ------------------------------------------------------------- red-team inputs: nothing dropped, nothing shrunk
+
+
+def _task(root, meta: dict, rows: list[dict]):
+    folder = root / meta["name"]
+    folder.mkdir(parents=True)
+    (folder / "task.json").write_text(json.dumps(meta))
+    (folder / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+STS_ROWS = [{"sentence1": f"a{i}", "sentence2": f"b{i}", "score": float(i)} for i in range(8)]
+
+
+def test_a_task_type_in_capitals_is_the_same_type_not_dropped(tmp_path):
+    _task(tmp_path, {"name": "loud", "type": "STS", "splits": {"test": 8}}, STS_ROWS)
+    assert [(s.name, s.type) for s in list_tasks(tmp_path)] == [("loud", "sts")]
+
+
+def test_an_unknown_task_type_is_an_error_naming_the_file(tmp_path):
+    _task(tmp_path, {"name": "odd", "type": "summarisation", "splits": {"test": 8}}, STS_ROWS)
+    with pytest.raises(TaskDataError, match=r"odd/task.json.*summarisation"):
+        list_tasks(tmp_path)
+
+
+def test_fewer_rows_than_announced_is_an_error_not_a_smaller_score(tmp_path):
+    folder = _task(tmp_path, {"name": "short", "type": "sts", "splits": {"test": 500}}, STS_ROWS)
+    with pytest.raises(TaskDataError, match="8 rows, but task.json announces 500"):
+        load_split(load_spec(folder), "test")
+
+
+def test_a_row_missing_a_field_names_file_line_and_field(tmp_path):
+    rows = STS_ROWS[:3] + [{"sentence1": "x", "sentence2": "y"}] + STS_ROWS[4:]
+    folder = _task(tmp_path, {"name": "holey", "type": "sts", "splits": {"test": 8}}, rows)
+    with pytest.raises(TaskDataError, match=r"test.jsonl:4: the row has no 'score' field"):
+        load_split(load_spec(folder), "test")
+
+
+def test_a_malformed_task_json_names_the_file(tmp_path):
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "task.json").write_text('{"name": "bad", "type": ')
+    with pytest.raises(TaskDataError, match=r"bad/task.json: not valid JSON"):
+        list_tasks(tmp_path)
+    assert cli_eval.main(["--methods", "lexical_bow", "--data-dir", str(tmp_path), "--no-cache", "--no-progress",
+                          "--out", str(tmp_path / "out")]) == 2

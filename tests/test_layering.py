@@ -126,10 +126,9 @@ def test_every_switch_is_an_option_of_every_embedding_subcommand(command):
         assert name in options, f"kvembed {command} lacks --{name.replace('_', '-')}"
         action = options[name]
         assert action.default is None, f"{command} --{name}: default {action.default!r} (None = the method's own)"
-        if sw.choices == (True, False):
-            assert isinstance(action, argparse.BooleanOptionalAction), (command, name)
-        else:
-            assert tuple(action.choices or ()) == tuple(sw.choices or ()), (command, name, action.choices)
+        assert tuple(action.choices or ()) == tuple(sw.choices or ()), (command, name, action.choices)
+        if sw.choices is not None:  # every allowed value parses back to itself through the option's type
+            assert all(action.type(str(c).lower()) == c for c in sw.choices), (command, name)
 
 
 def test_the_subcommands_agree_with_one_another():

@@ -167,3 +167,128 @@ def test_bad_usage_exits_2(model, capsys):
     with pytest.raises(SystemExit) as e:
         embed(model, "--batch-size", "many", "a")
     assert e.value.code == 2 and "--batch-size" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------- red-team inputs: nothing lost, nothing silent
+
+
+def test_output_that_is_the_input_is_refused_and_the_input_survives(model, tmp_path, capsys):
+    src = tmp_path / "s.jsonl"
+    original = '{"id":"doc-A","text":"hello","meta":{"src":"x"}}\n'
+    src.write_text(original)
+    assert embed(model, "--input", str(src), "--output", str(src)) == cli.EXIT_INPUT
+    assert "is the input file" in capsys.readouterr().err and src.read_text() == original
+
+
+@pytest.mark.parametrize("name", ["u.JSONL", "u.Jsonl", "u.NDJSON"])
+def test_jsonl_suffix_in_any_case_is_json_lines(model, tmp_path, name):
+    src = tmp_path / name
+    src.write_text(json.dumps({"text": "hello world"}) + "\n")
+    out = tmp_path / "out.jsonl"
+    assert embed(model, "--input", str(src), "--output", str(out)) == 0
+    assert json.loads(out.read_text())["text"] == "hello world"  # the field, not the raw JSON line
+
+
+def test_a_json_array_file_is_refused_not_embedded_line_by_line(model, tmp_path, capsys):
+    src = tmp_path / "a.json"
+    src.write_text('[\n "one",\n "two"\n]\n')
+    assert embed(model, "--input", str(src)) == cli.EXIT_INPUT
+    assert ".jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
+def test_a_utf8_bom_is_not_part_of_the_first_text(model, tmp_path, suffix):
+    line = json.dumps({"text": "first text"}) if suffix == ".jsonl" else "first text"
+    with_bom, without = tmp_path / f"bom{suffix}", tmp_path / f"plain{suffix}"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + line.encode() + b"\n")
+    without.write_bytes(line.encode() + b"\n")
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.jsonl"
+    assert embed(model, "--input", str(with_bom), "--output", str(a)) == 0
+    assert embed(model, "--input", str(without), "--output", str(b)) == 0
+    ra, rb = json.loads(a.read_text()), json.loads(b.read_text())
+    assert ra["text"] == rb["text"] == "first text" and ra["embedding"] == rb["embedding"]
+
+
+def test_cr_only_line_ends_are_line_ends(model, tmp_path):
+    src = tmp_path / "mac.txt"
+    src.write_bytes(b"one\rtwo\rthree\r")
+    out = tmp_path / "out.jsonl"
+    assert embed(model, "--input", str(src), "--output", str(out)) == 0
+    assert [json.loads(l)["text"] for l in out.read_text().splitlines()] == ["one", "two", "three"]
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--max-length", "0"], "must be a positive integer"),
+    (["--bias", "nan"], "not finite"),
+    (["--bias", "inf"], "not finite"),
+    (["--layers", "5-3"], "reversed"),
+    (["--layers", "1.7"], "layers"),
+    (["--normalize", "yes please"], "not a boolean"),
+    (["--batch-size", "0"], "must be a positive integer"),
+])
+def test_bad_values_are_refused_with_their_reason(model, capsys, args, words):
+    with pytest.raises(SystemExit) as e:
+        embed(model, *args, "a")
+    assert e.value.code == 2 and words in capsys.readouterr().err
+
+
+def test_normalize_false_is_false_not_a_text(model, tmp_path):
+    out = tmp_path / "o.npy"
+    assert embed(model, "--normalize", "False", "a cat", "--output", str(out)) == 0
+    v = np.load(out)
+    assert v.shape[0] == 1 and abs(float(np.linalg.norm(v[0])) - 1.0) > 1e-3  # one text, not normalised
+
+
+def test_bias_minus_inf_parses_and_is_no_prefix(model, tmp_path):
+    a, b = tmp_path / "a.npy", tmp_path / "b.npy"
+    assert cli.main(["embed", "--model", model, "--layers", "1,2", "--bias", "-inf", "x y", "--output", str(a)]) == 0
+    assert cli.main(["embed", "--model", model, "--layers", "none", "x y", "--output", str(b)]) == 0
+    # exp(-inf) = 0 exactly, and the routine then runs the plain path: bit for bit the same
+    assert np.array_equal(np.load(a), np.load(b))
+
+
+@pytest.mark.parametrize("device, words", [("cuda", "no CUDA GPU"), ("bogus", "not a device name")])
+def test_a_device_that_is_not_there_is_one_line(model, capsys, device, words):
+    assert embed(model, "--device", device, "a") == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert words in err and "Traceback" not in err
+
+
+def test_missing_id_corpus(tmp_path, capsys):
+    folder, _ = tiny.write_checkpoint(tmp_path / "m", "llama")
+    assert cli.main(["embed", "--model", str(folder), "--id-corpus", str(tmp_path / "none.jsonl"), "a"]) == cli.EXIT_INPUT
+    assert "none.jsonl does not exist" in capsys.readouterr().err
+
+
+def test_bad_output_is_refused_before_the_model_loads(tmp_path, capsys):
+    # The model path does not exist: if the output were checked after loading, this would be a model error (3).
+    gone = str(tmp_path / "no-model")
+    assert cli.main(["embed", "--model", gone, "a", "--output", str(tmp_path / "out.csv")]) == cli.EXIT_INPUT
+    locked = tmp_path / "locked"
+    locked.mkdir()
+    locked.chmod(0o500)
+    try:
+        code = cli.main(["embed", "--model", gone, "a", "--output", str(locked / "out.npy")])
+        import os
+
+        assert code == (cli.EXIT_INPUT if os.geteuid() != 0 else cli.EXIT_MODEL)  # root may write anywhere
+    finally:
+        locked.chmod(0o700)
+
+
+def test_skip_bad_lines_keeps_the_input_line_numbers_in_jsonl_output(model, tmp_path):
+    good = [json.dumps({"id": f"r{i}", "text": f"t{i}"}).encode() for i in range(3)]
+    src = write_lines(tmp_path / "in.jsonl", [good[0], b"{broken", good[1], b"", good[2]])
+    out = tmp_path / "out.jsonl"
+    assert embed(model, "--input", src, "--output", str(out), "--skip-bad-lines") == 0
+    rows = [json.loads(l) for l in out.read_text().splitlines()]
+    assert [(r["line"], r["id"], r["text"]) for r in rows] == [(1, "r0", "t0"), (3, "r1", "t1"), (5, "r2", "t2")]
+
+
+def test_ctrl_c_is_one_line_and_exit_130(model, monkeypatch, capsys):
+    def interrupted(*a, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "embedder_from_args", interrupted)
+    assert embed(model, "a") == cli.EXIT_INTERRUPTED == 130
+    assert capsys.readouterr().err.strip() == "kvembed: interrupted"

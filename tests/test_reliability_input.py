@@ -258,3 +258,59 @@ def test_ten_thousand_texts_memory_is_bounded_by_the_chunk(emb, monkeypatch):
     assert pulled_ahead <= chunk, pulled_ahead
     # Same text -> same vector, wherever it sits in the stream (rows i and i + 97 share a text).
     assert_close(out[5], out[5 + 97 * 50], same(emb), "one text at two places in the stream")
+
+
+# ------------------------------------------------------------- red-team inputs: nothing lost, nothing silent
+
+
+def test_tables_and_mappings_are_refused_with_what_to_pass(emb):
+    pd = pytest.importorskip("pandas")
+    df = pd.DataFrame({"text": ["a cat", "a dog"]})
+    with pytest.raises(TypeError, match=r"df\['text'\]\.tolist\(\)"):
+        emb.encode(df)  # it used to embed the column name "text" as one text
+    with pytest.raises(TypeError, match="keys"):
+        emb.encode({"a": "a cat", "b": "a dog"})
+    with pytest.raises(TypeError, match="no order"):
+        emb.encode({"a cat", "a dog"})
+    with pytest.raises(TypeError, match="2-D"):
+        emb.encode(np.array([["a", "b"], ["c", "d"]]))
+    # what is ordered and one-dimensional is taken, row for row
+    want = emb.encode(["a cat", "a dog"])
+    for ordered in (("a cat", "a dog"), np.array(["a cat", "a dog"]), df["text"], iter(["a cat", "a dog"])):
+        assert np.array_equal(emb.encode(ordered), want), type(ordered)
+
+
+@pytest.mark.parametrize("switches, words", [
+    ({"layers": [1.7]}, "integer"), ({"layers": [True]}, "integer"), ({"layers": []}, "none"),
+    ({"normalize": "False"}, "bool"), ({"bias": float("nan")}, "not finite"), ({"bias": float("inf")}, "not finite"),
+    ({"bias": "1.0"}, "number"), ({"passes": 3}, "passes"), ({"pooling": "max"}, "pooling"),
+])
+def test_switch_values_are_never_coerced(folder, switches, words):
+    with pytest.raises(ValueError, match=words):
+        KVEmbedder.from_pretrained(folder, **switches)
+
+
+def test_max_length_zero_is_an_error_not_the_default(folder):
+    with pytest.raises(ValueError, match="max_seq_length"):
+        KVEmbedder.from_pretrained(folder, layers=[1, 2], max_length=0)
+
+
+def test_a_huge_text_is_cut_by_characters_before_it_is_tokenized(short_emb, monkeypatch):
+    """A 4 MB line: the tokenizer never sees more than a bounded prefix (a 46 MB one aborted the process)."""
+    seen = []
+    tok = short_emb.tokenizer
+
+    class Spy:
+        def __getattr__(self, name):
+            return getattr(tok, name)
+
+        def encode(self, text, *a, **kw):
+            seen.append(len(text))
+            return tok.encode(text, *a, **kw)
+
+    monkeypatch.setattr(short_emb, "tokenizer", Spy())
+    huge = "word " * 800_000
+    with pytest.warns(TruncationWarning):
+        v = short_emb.encode(huge)
+    assert np.isfinite(v).all() and max(seen) < 100_000, max(seen)
+    assert short_emb.last_truncated == [0]

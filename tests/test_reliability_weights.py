@@ -229,3 +229,34 @@ def test_unwritable_kvembed_cache_still_loads_with_the_same_fingerprint(pristine
     monkeypatch.setenv("KVEMBED_CACHE", str(blocker / "kvcache"))
     got = load_model(pristine)
     assert got.fingerprint == want and not (blocker / "kvcache").exists()
+
+
+# ------------------------------------------------------------- red-team inputs: caught at load, as transformers
+
+
+def test_a_tokenizer_with_more_ids_than_embedding_rows_is_caught_at_load(ckpt):
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(ckpt / "tokenizer.json"))
+    rows = json.loads((ckpt / "config.json").read_text())["vocab_size"]
+    tok.add_tokens([f"<extra_{i}>" for i in range(rows - tok.get_vocab_size(with_added_tokens=True) + 5)])
+    tok.save(str(ckpt / "tokenizer.json"))
+    with pytest.raises(CheckpointMismatchError, match=rf"tokenizer has {rows + 5} tokens but the embedding table has {rows}"):
+        load_model(ckpt)
+
+
+def test_a_llama_config_with_a_sliding_window_is_read_as_transformers_reads_it(ckpt):
+    """transformers' Llama has no sliding window and ignores the key; so does ModelArgs (it used to apply it)."""
+    import transformers
+
+    edit_config(ckpt, sliding_window=2)
+    args = load_model(ckpt).args
+    assert args.sliding_window is None and set(args.layer_types) == {"full_attention"}
+    hf = transformers.AutoModel.from_pretrained(ckpt).eval()
+    ids = torch.tensor([[1, 17, 44, 90, 12, 5, 66]])
+    with torch.no_grad():
+        want = hf(ids).last_hidden_state
+        got = load_model(ckpt).model(ids, torch.ones_like(ids)).hidden
+    from tests.tolerance import assert_close, decoder_drift
+
+    assert_close(got, want, decoder_drift(args, ids.shape[1]), "llama with a sliding_window key vs transformers")

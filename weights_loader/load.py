@@ -106,9 +106,21 @@ def load_model(
         fp = fingerprint(model_files(path), path)
 
     args = _model_args(config, config_where)
-    model = build_decoder(args, state, sources, where=str(path))
+    model = build_decoder(args, state, sources, where=str(path))  # config vs weights first: the deeper mismatch
+    check_vocabulary(tokenizer, args, path)
     model = model.to(device).eval().requires_grad_(False)
     return LoadedModel(model=model, tokenizer=tokenizer, args=args, config=config, path=path, fingerprint=fp)
+
+
+def check_vocabulary(tokenizer, args: ModelArgs, path: Path) -> None:
+    """Every id the tokenizer can produce must have a row in embed_tokens: caught here, not mid-corpus."""
+    n = tokenizer.get_vocab_size(with_added_tokens=True)
+    if n > args.vocab_size:
+        raise CheckpointMismatchError(
+            f"{path}: the tokenizer has {n} tokens but the embedding table has {args.vocab_size} rows "
+            f"(config.json vocab_size); ids {args.vocab_size}..{n - 1} would have no embedding. The tokenizer does "
+            f"not belong to these weights: re-download the model's tokenizer.json"
+        )
 
 
 def _model_args(config: dict, where: str) -> ModelArgs:

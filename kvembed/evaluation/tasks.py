@@ -25,6 +25,8 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
+from kvembed.files import iter_lines
+
 TASK_TYPES = ("sts", "classification", "clustering", "pair_classification", "reranking", "retrieval")
 
 # The metric each type reports in the table, spelled as mteb 2.x returns it (reranking in mteb 2.x
@@ -58,6 +60,9 @@ class TaskSpec:
     path: Path
     # main score as spelled in task.json ("map" for reranking); MAIN_SCORES says how mteb spells it
     main_score: str
+    # retrieval only: the corpus and qrels sizes task.json announces (checked on loading)
+    corpus_size: int | None = None
+    qrels: int | None = None
 
     @property
     def mteb_main_score(self) -> str:
@@ -76,17 +81,39 @@ def default_data_dir() -> Path:
                         "task folders (stsb/, banking77/, ...)")
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+# The fields every row of a type must carry, and their Python types.
+FIELDS = {
+    "sts": {"sentence1": str, "sentence2": str, "score": (int, float)},
+    "pair_classification": {"sentence1": str, "sentence2": str, "label": int},
+    "classification": {"text": str, "label": (str, int)},
+    "clustering": {"text": str, "label": (str, int)},
+    "reranking": {"query": str, "positive": list, "negative": list},
+    "corpus": {"id": str, "text": str},
+    "queries": {"id": str, "text": str},
+    "qrels": {"query_id": str, "doc_id": str, "relevance": int},
+}
+
+
+def _read_jsonl(path: Path, kind: str | None = None) -> list[dict]:
+    """Every object of a JSON-lines file; with `kind`, each must carry FIELDS[kind] (the error names file:line)."""
     if not path.is_file():
         raise TaskDataError(f"{path}: file not found; check --data-dir (or $KVEMBED_DATA) and the task's splits")
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for i, line in enumerate(f, 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise TaskDataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+    for i, line in iter_lines(path):
+        if isinstance(line, UnicodeDecodeError):
+            raise TaskDataError(f"{path}:{i}: invalid UTF-8 ({line.reason})")
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise TaskDataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
+        for field, types in FIELDS.get(kind, {}).items():
+            if not isinstance(row, dict) or field not in row:
+                raise TaskDataError(f"{path}:{i}: the row has no {field!r} field, which a {kind} row needs")
+            if isinstance(row[field], bool) or not isinstance(row[field], types):
+                raise TaskDataError(f"{path}:{i}: {field!r} is {type(row[field]).__name__}, not what a {kind} row needs")
+        rows.append(row)
     return rows
 
 
@@ -94,12 +121,23 @@ def load_spec(folder: Path) -> TaskSpec:
     meta_path = Path(folder) / "task.json"
     if not meta_path.is_file():
         raise TaskDataError(f"{meta_path}: no task.json; a task folder needs one (see the data README)")
-    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise TaskDataError(f"{meta_path}: not valid JSON ({e}); fix the file") from None
+    if not isinstance(meta, dict):
+        raise TaskDataError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
     for key in ("name", "type", "splits"):
         if key not in meta:
             raise TaskDataError(f"{meta_path}: key '{key}' is missing")
-    return TaskSpec(name=meta["name"], type=meta["type"], splits=dict(meta["splits"]),
-                    path=Path(folder), main_score=meta.get("main_score") or "")
+    kind = str(meta["type"]).strip().lower()  # "STS" and "sts" are one type; an unknown one is an error, not a skip
+    if kind not in TASK_TYPES + ("unlabelled_corpus",):
+        raise TaskDataError(f"{meta_path}: type {meta['type']!r} is not one of {', '.join(TASK_TYPES)}")
+    if not isinstance(meta["splits"], dict) or not all(isinstance(n, int) for n in meta["splits"].values()):
+        raise TaskDataError(f"{meta_path}: 'splits' must map split names to row counts")
+    return TaskSpec(name=meta["name"], type=kind, splits=dict(meta["splits"]), path=Path(folder),
+                    main_score=meta.get("main_score") or "", corpus_size=meta.get("corpus_size"),
+                    qrels=meta.get("qrels"))
 
 
 def list_tasks(data_dir: Path | str | None = None) -> list[TaskSpec]:
@@ -144,15 +182,24 @@ def load_split(spec: TaskSpec, split: str, max_rows: int | None = None, seed: in
         raise TaskDataError(f"{spec.name}: a retrieval task is loaded with load_retrieval, not load_split")
     if split not in spec.splits:
         raise TaskDataError(f"{spec.name}: no split '{split}'; it has {', '.join(spec.splits)}")
-    rows = _read_jsonl(spec.path / f"{split}.jsonl")
+    path = spec.path / f"{split}.jsonl"
+    rows = _read_jsonl(path, spec.type)
+    if len(rows) != spec.splits[split]:  # a task is never scored on fewer rows than it announces
+        raise TaskDataError(f"{path}: {len(rows)} rows, but task.json announces {spec.splits[split]}; the file is "
+                            "incomplete or task.json is wrong")
     return [rows[i] for i in sample_indices(len(rows), max_rows, seed)]
 
 
 def load_retrieval(spec: TaskSpec, max_rows: int | None = None, seed: int = 0) -> tuple[list, list, list]:
     """(corpus, queries, qrels) rows; max_rows samples queries, the corpus stays whole."""
-    corpus = _read_jsonl(spec.path / "corpus.jsonl")
-    queries = _read_jsonl(spec.path / "queries.jsonl")
-    qrels = _read_jsonl(spec.path / "qrels.jsonl")
+    corpus = _read_jsonl(spec.path / "corpus.jsonl", "corpus")
+    queries = _read_jsonl(spec.path / "queries.jsonl", "queries")
+    qrels = _read_jsonl(spec.path / "qrels.jsonl", "qrels")
+    for name, rows, announced in (("queries", queries, spec.splits.get("test")), ("corpus", corpus, spec.corpus_size),
+                                  ("qrels", qrels, spec.qrels)):
+        if announced is not None and len(rows) != announced:
+            raise TaskDataError(f"{spec.path / (name + '.jsonl')}: {len(rows)} rows, but task.json announces "
+                                f"{announced}; the file is incomplete or task.json is wrong")
     queries = [queries[i] for i in sample_indices(len(queries), max_rows, seed)]
     kept = {q["id"] for q in queries}
     return corpus, queries, [r for r in qrels if r["query_id"] in kept]

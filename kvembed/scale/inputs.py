@@ -39,6 +39,8 @@ class InputIndex:
     skipped: list = field(default_factory=list)
     # sha256 of the whole file, so a rerun can tell that the input changed under it.
     sha256: str = ""
+    # rows whose id repeats an earlier row's: {"count", "examples"}, {} when ids are unique
+    duplicates: dict = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -74,16 +76,17 @@ def scan_jsonl(path, *, id_field: str = "id", text_field: str = "text", skip_bad
     if not path.is_file():
         raise InputError(f"{path}: no such input file")
     digest = hashlib.sha256()
-    offsets, line_numbers, skipped = [], [], []
+    offsets, line_numbers, skipped, id_keys = [], [], [], []
     offset = 0
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             digest.update(raw)
             if raw.strip():
                 try:
-                    parse_line(raw, line_no, id_field, text_field)
+                    rid, _ = parse_line(raw, line_no, id_field, text_field)
                     offsets.append(offset)
                     line_numbers.append(line_no)
+                    id_keys.append(id_key(rid))
                 except InputError as e:
                     if not skip_bad:
                         raise InputError(f"{path}: {e} (pass --skip-bad-lines to leave such lines out)") from None
@@ -97,7 +100,32 @@ def scan_jsonl(path, *, id_field: str = "id", text_field: str = "text", skip_bad
         line_numbers=np.asarray(line_numbers, dtype=np.int64),
         skipped=skipped,
         sha256=digest.hexdigest(),
+        duplicates=find_duplicates(path, np.asarray(id_keys, dtype=np.uint64), np.asarray(line_numbers, np.int64),
+                                   id_field, text_field),
     )
+
+
+def id_key(rid) -> int:
+    """64 bits of a row's id (as JSON, so the id 1 and the id "1" differ): 8 bytes a row, not the id itself."""
+    return int.from_bytes(hashlib.blake2b(json.dumps(rid).encode(), digest_size=8).digest(), "little")
+
+
+def find_duplicates(path: Path, keys: np.ndarray, lines: np.ndarray, id_field: str, text_field: str) -> dict:
+    """{"count": rows that repeat an earlier id, "examples": [{"id", "line"}, ...]} or {} when ids are unique."""
+    if len(keys) < 2:
+        return {}
+    order = np.argsort(keys, kind="stable")  # stable: among equal ids, file order
+    repeat = np.zeros(len(keys), dtype=bool)
+    repeat[order[1:]] = keys[order[1:]] == keys[order[:-1]]
+    if not repeat.any():
+        return {}
+    examples = []
+    with open(path, "rb") as f:
+        for line_no in lines[repeat][:5]:
+            f.seek(0)
+            raw = next(r for n, r in enumerate(f, start=1) if n == line_no)
+            examples.append({"id": parse_line(raw, int(line_no), id_field, text_field)[0], "line": int(line_no)})
+    return {"count": int(repeat.sum()), "examples": examples}
 
 
 def read_rows(index: InputIndex, start: int, end: int) -> tuple[list, list[str]]:
