@@ -161,3 +161,29 @@ def test_cli_errors_have_exit_codes(folder, tmp_path, capsys):
     assert np.load(out).shape[0] == 2 and "skipped 1" in capsys.readouterr().err
     assert main(["embed", "--model", str(folder), "--layers", "1", "x", "--output", str(tmp_path / "no" / "o.npy")]) == 2
     assert main(["embed", "--model", str(tmp_path / "nomodel"), "x"]) == 3
+
+
+def test_a_low_precision_that_runs_slower_here_is_said(folder, monkeypatch):
+    """bf16/fp16 on a CPU without native support ran ~10x slower than fp32: measured at load, and said."""
+    import warnings
+
+    from kvembed import encoder
+    from kvembed.encoder import PrecisionWarning
+
+    monkeypatch.setattr(encoder, "low_precision_slowdown", lambda dtype, device: 9.8)
+    with pytest.warns(PrecisionWarning, match="9.8x slower than float32"):
+        KVEmbedder.from_pretrained(folder, layers=[1, 2], dtype="bfloat16")
+    monkeypatch.setattr(encoder, "low_precision_slowdown", lambda dtype, device: 0.2)  # AMX: faster than fp32
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", PrecisionWarning)
+        KVEmbedder.from_pretrained(folder, layers=[1, 2], dtype="bfloat16")
+
+
+def test_the_slowdown_is_measured_not_guessed():
+    import torch
+
+    from kvembed.encoder import low_precision_slowdown
+
+    assert low_precision_slowdown(torch.float32, "cpu") is None
+    r = low_precision_slowdown(torch.bfloat16, "cpu")
+    assert r is not None and r > 0  # a ratio of two timings on this machine, whatever it is
