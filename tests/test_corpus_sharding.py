@@ -235,3 +235,13 @@ def test_duplicate_ids_warn_and_are_recorded_and_every_row_is_kept(tmp_path):
     assert manifest["duplicate_ids"] == {"count": 1, "examples": [{"id": "a", "line": 3}]}
     ids, matrix = load_corpus_embeddings(tmp_path / "out")
     assert ids == ["a", "b", "a", 1, "1"] and np.array_equal(matrix[2], vec("three"))
+
+
+def test_a_jsonl_with_a_bom_reads_as_without(tmp_path):
+    rows = "".join(json.dumps({"id": f"r{i}", "text": f"text {i}"}) + "\n" for i in range(5)).encode()
+    (tmp_path / "bom.jsonl").write_bytes(b"\xef\xbb\xbf" + rows)
+    (tmp_path / "plain.jsonl").write_bytes(rows)
+    embed_corpus(tmp_path / "bom.jsonl", tmp_path / "a", FakeEmbedder(), **OPTS)
+    embed_corpus(tmp_path / "plain.jsonl", tmp_path / "b", FakeEmbedder(), **OPTS)
+    (ids_a, a), (ids_b, b) = load_corpus_embeddings(tmp_path / "a"), load_corpus_embeddings(tmp_path / "b")
+    assert ids_a == ids_b == [f"r{i}" for i in range(5)] and np.array_equal(a, b)

@@ -179,6 +179,13 @@ def test_a_row_missing_a_field_names_file_line_and_field(tmp_path):
         load_split(load_spec(folder), "test")
 
 
+def test_an_ill_typed_field_names_file_line_and_field(tmp_path):
+    rows = STS_ROWS[:2] + [{"sentence1": "x", "sentence2": "y", "score": "high"}] + STS_ROWS[3:]
+    folder = _task(tmp_path, {"name": "typed", "type": "sts", "splits": {"test": 8}}, rows)
+    with pytest.raises(TaskDataError, match=r"test.jsonl:3: 'score' is str"):
+        load_split(load_spec(folder), "test")
+
+
 def test_a_malformed_task_json_names_the_file(tmp_path):
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "task.json").write_text('{"name": "bad", "type": ')

@@ -43,7 +43,7 @@ def test_good_jsonl_to_npy_in_input_order(model, tmp_path, capsys):
     vecs = np.load(out)
     assert vecs.shape == (3, tiny.BASE["hidden_size"]) and np.isfinite(vecs).all()
     assert "3 text(s)" in capsys.readouterr().err
-    assert not (tmp_path / "out.npy.partial").exists()
+    assert list(tmp_path.glob("out.npy.tmp-*")) == []  # the temporary name is gone once the output is in place
 
 
 def test_missing_input_file(model, tmp_path, capsys):
@@ -127,7 +127,7 @@ def test_disk_full_leaves_no_partial_output(model, tmp_path, capsys, monkeypatch
     assert embed(model, "a", "b", "--output", str(out)) == cli.EXIT_INPUT
     err = capsys.readouterr().err
     assert f"cannot write {out}" in err and "No space left on device" in err
-    assert out.read_text() == "previous run" and list(tmp_path.glob("*.partial")) == []
+    assert out.read_text() == "previous run" and list(tmp_path.glob("*.tmp-*")) == []
 
 
 def test_missing_model_folder(tmp_path, capsys):

@@ -125,7 +125,7 @@ def load_corpus_embeddings(outdir, *, verify: bool = True) -> tuple[list, np.nda
     """(ids, matrix) of a finished `embed-corpus` run, in input order. `matrix` is a read-only np.memmap
     of OUTDIR/embeddings.npy, float32 (N, dim): rows are read from disk as they are touched.
     verify (default) first checks the sha256 of both files against the manifest, which reads them once (about
-    0.3 s per GB here, docs/scale-out.md); verify=False skips that for a folder you trust."""
+    1 s per GB here, docs/scale-out.md); verify=False skips that for a folder you trust."""
     outdir = Path(outdir)
     manifest = read_manifest(outdir)
     emb_path, ids_path = outdir / manifest["embeddings"]["file"], outdir / manifest["ids"]["file"]
