@@ -86,9 +86,20 @@ def rotate_half(x: Tensor) -> Tensor:
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate x (..., T, D) by the angles in cos/sin (T, D) or broadcastable; computed in x's dtype like HF."""
+    """Rotate x (..., T, D) by the angles in cos/sin (T, D) or broadcastable; computed in x's dtype like HF.
+
+    x * cos + rotate_half(x) * sin, written half by half: the very same products and sums (bit for bit), with
+    half the (..., T, D) temporaries of the one-line form, which were the forward's memory peak at T = 8192.
+    """
     cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos + rotate_half(x) * sin
+    half = x.shape[-1] // 2
+    x1, x2 = x[..., :half], x[..., half:]
+    c, s = cos[..., :half], sin[..., :half]  # rope_cos_sin repeats the angles: both halves share them
+    first = x1 * c
+    first -= x2 * s  # rotate_half(x) = (-x2, x1)
+    second = x2 * c
+    second += x1 * s
+    return torch.cat((first, second), dim=-1)
 
 
 def unapply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
@@ -304,6 +315,7 @@ class Attention(nn.Module):
         prefix = None
         if intervention is not None:
             prefix = intervention.prefix(layer, QKV(q_pre, k_pre, q, k, v, cos, sin))
+        del q_pre, k_pre  # the prefix keeps what it needs: free the rest before the attention's own peak
         out = attention(q, k, v, prefix=prefix, **masks)  # (B, Hq, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, Hq*D)
         return self.o_proj(out), k, v
@@ -345,6 +357,7 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, masks: dict, intervention):
         a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, masks, self.layer, intervention)
         h = x + a
+        del a  # free the attention output before the MLP runs (memory grows with T: every (T, C) counts)
         return h + self.mlp(self.post_attention_layernorm(h)), k, v
 
 
