@@ -3,17 +3,17 @@
 # (python -m kvembed.bench.device_check: random weights shaped like SmolLM2-135M, Qwen3-4B and Mistral-7B, bf16,
 # T up to 8192, B up to 32, against transformers' sdpa forward on the same tensors).
 #
-#     here, once:      bench/fetch_device_wheels.sh                      (.whl/, ignored by git)
-#     on the machine:  bash bench/device_check.sh       carry [".whl"], timeout_s 540
-#     back here:       cp <files_at>/device_check.json bench/results/ && python -m kvembed.bench.report
+#     here, once:        bench/fetch_device_wheels.sh                    (.whl/, ignored by git)
+#     on the GPU machine: bash bench/device_check.sh [RESULTS_DIR]      (with .whl/ copied along; give it ~9 min)
+#     back here:         copy RESULTS_DIR/device_check.json into bench/results/ && python -m kvembed.bench.report
 #
 # Wheels in .whl/ are installed (into /tmp/site, first on PYTHONPATH) only for distributions the machine's python
-# lacks; KVEMBED_WHEELS=all installs every one. Results go to $OUT (what the device run sends back) or, without
-# it, bench/results: device_check.json, perf.md, device_check.log, device_pytest.log. BUDGET_S (default 270):
-# no new bench case starts after that many seconds; the JSON is rewritten after every model.
+# lacks; KVEMBED_WHEELS=all installs every one. Results go to RESULTS_DIR (default bench/results):
+# device_check.json, perf.md, device_check.log, device_pytest.log. BUDGET_S (default 270): no new bench case
+# starts after that many seconds; the JSON is rewritten after every model.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-RES="${OUT:-bench/results}"
+RES="${1:-bench/results}"
 mkdir -p "$RES"
 PY="${PYTHON:-python3}"
 export PYTHONUNBUFFERED=1

@@ -76,6 +76,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     o.add_argument("--out", type=Path, default=Path("bench") / "results",
                    help="where the report goes (default ./bench/results)")
     o.add_argument("--name", default=None, help="report file stem (default eval, or ablations)")
+    o.add_argument("--combine", nargs="+", default=None, metavar="REPORT",
+                   help="write <out>/<name>.md|json from reports already written (file stems, one per backbone), "
+                        "running nothing")
     o.add_argument("--cache-dir", type=Path, default=None, help="embedding cache (default $KVEMBED_CACHE/eval)")
     o.add_argument("--no-cache", action="store_true", help="compute every embedding, store nothing")
     o.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -138,6 +141,13 @@ def run(args, *, make=None) -> int:
     from .runners import Table, make_embedder, run_method
     from .tasks import select_tasks
 
+    if args.combine:
+        from .report import combine_reports
+
+        md, js = combine_reports(args.combine, args.out, args.name or "eval",
+                                 "kvembed Evaluation, MTEB 2.x protocol, on both named backbones")
+        print(f"wrote {md} and {js}")
+        return 0
     make = make or make_embedder
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")

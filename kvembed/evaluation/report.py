@@ -153,3 +153,23 @@ def write_report(table: Table, out_dir: Path | str, name: str) -> tuple[Path, Pa
     md.write_text(render_markdown(table, meta, paired), encoding="utf-8")
     js.write_text(json.dumps(data, default=str) + "\n", encoding="utf-8")  # per-row lists: compact
     return md, js
+
+
+def combine_reports(stems: list[Path | str], out_dir: Path | str, name: str, title: str) -> tuple[Path, Path]:
+    """One `<name>.md|json` from several written reports (one per backbone): each becomes a section, its own
+    command and facts kept, so every table stays reproducible by the command printed in it."""
+    out_dir = Path(out_dir)
+    sections, parts = [f"# {title}", ""], []
+    for stem in map(Path, stems):
+        md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
+        if not md.is_file() or not js.is_file():
+            raise FileNotFoundError(f"{stem}: no {md.name} and {js.name} to combine; run `kvembed eval --name "
+                                    f"{stem.name}` first")
+        data = json.loads(js.read_text(encoding="utf-8"))
+        body = md.read_text(encoding="utf-8").split("\n", 1)[1]  # without its own title
+        sections += [f"## Backbone: `{data['model']}` ({stem.name})", "", body.replace("\n## ", "\n### ").strip(), ""]
+        parts.append({"report": stem.name, **data})
+    md_out, js_out = out_dir / f"{name}.md", out_dir / f"{name}.json"
+    md_out.write_text("\n".join(sections) + "\n", encoding="utf-8")
+    js_out.write_text(json.dumps({"backbones": parts}, default=str) + "\n", encoding="utf-8")
+    return md_out, js_out
