@@ -192,8 +192,9 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
       - the bias travels on one extra head-dim channel: queries carry 1 there, the slot's key bias / scale,
         real keys 0; with the scale passed explicitly, q' . k' * scale = q . k * scale + bias on the slot
         and q . k * scale elsewhere. `unrotated` adds D channels for q2 . k2 the same way;
-      - the channels are padded to a multiple of 8 (what fused GPU kernels take; free on CPU), with zeros,
-        which add nothing to any dot product, and v gets the same width so one kernel serves q, k and v.
+      - the channels are padded with zeros (which add nothing to any dot product) to what the device's fused
+        kernels take (`slot_width`: D + 1 on the CPU, a multiple of 8 on CUDA), and v gets the same width so
+        one kernel serves q, k and v.
     """
     Hq, Hkv, T, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(D)
