@@ -179,3 +179,20 @@ def test_methods_are_immutable_and_a_per_call_prompt_is_a_new_object():
     n = m.with_template("Say: {text}")
     assert n is not m and n.template == "Say: {text}" and m.template != n.template
     assert n.config() != m.config() and m.config()["template"] == KVEmbedding.DEFAULT_TEMPLATE
+
+
+def test_the_table_defaults_are_the_methods_defaults():
+    """SPEC §1's defaults live in the table and in the method classes: they must agree (pooling and templates
+    differ by method by design; layers='auto' is resolved by the encoder before the method is built)."""
+    from kvembed.baselines import METHODS
+    from kvembed.switches import SWITCHES
+
+    per_method = {"pooling", "template", "query_template", "layers", "normalize"}
+    for name, cls in METHODS.items():
+        fields = {f.name: f.default for f in dataclasses.fields(cls)}
+        for sw in SWITCHES.values():
+            if name in sw.methods and sw.name not in per_method:
+                assert fields[sw.name] == sw.default, (name, sw.name, fields[sw.name], sw.default)
+    assert all(f.default is True for m in METHODS.values() for f in dataclasses.fields(m) if f.name == "normalize")
+    kv = {f.name: f.default for f in dataclasses.fields(METHODS["kvembedding"])}
+    assert kv["pooling"] == SWITCHES["pooling"].default == "hybrid"  # the table's pooling column is KV-Embedding's
