@@ -55,6 +55,11 @@ def test_paired_differences_cancel_shared_noise():
     # Classification pairs experiment by experiment.
     d = paired_interval("classification", {"per_experiment": [0.5, 0.6, 0.7]}, {"per_experiment": [0.4, 0.5, 0.6]})
     assert_close([d.point, d.lo, d.hi], [0.1, 0.1, 0.1], EXACT, "classification, constant gap")
+    # Clustering pairs k-means seed by seed: the same restarts shifted by 0.1 are 0.1 apart, exactly.
+    a_clu = {"cluster": [0, 0, 1, 1], "label": [0, 0, 1, 1], "per_restart": [1.0, 0.7, 0.9, 0.8]}
+    b_clu = {"cluster": [0, 1, 0, 1], "label": [0, 0, 1, 1], "per_restart": [0.9, 0.6, 0.8, 0.7]}
+    d = paired_interval("clustering", a_clu, b_clu)
+    assert d.point == 1.0 and abs(d.lo - 0.1) < 1e-12 and abs(d.hi - 0.1) < 1e-12
     with pytest.raises(ValueError, match="different units"):
         paired_interval("sts", {"cosine": [0.1, 0.2], "gold": [1, 2]}, {"cosine": [0.1], "gold": [1]})
 
@@ -107,4 +112,6 @@ def test_the_statistic_on_every_unit_is_mtebs_score(tmp_path):
         tol = 0.5e-5 if r.type in ("retrieval", "reranking") else EXACT
         assert abs(statistic(r.type, r.per_row) - r.score) <= tol, (r.type, statistic(r.type, r.per_row), r.score)
         assert r.interval["lo"] <= r.score <= r.interval["hi"], (r.type, r.interval)
+        if r.type == "clustering":  # the restarts replay mteb's k-means: seed 42 is mteb's own run, exactly
+            assert len(r.per_row["per_restart"]) == 50 and r.per_row["per_restart"][42] == r.score
     assert seen == {"sts", "pair_classification", "clustering", "classification", "reranking", "retrieval"}

@@ -146,7 +146,7 @@ def evaluate_task(adapter: KVEmbeddingMTEB, spec: TaskSpec, split: str = "test",
     score = float(scores[main])
     if math.isnan(score):
         log.warning("%s/%s: mteb returned NaN for %s", spec.name, split, main)
-    rows = per_row(spec.type, task, split, scores)
+    rows = per_row(spec.type, task, split, scores, adapter)
     return TaskResult(spec.name, spec.type, split, main, score, rows=_rows(task), wall_s=round(wall, 3),
                       texts_encoded=adapter.encoder.encoded - before, scores=_clean(scores), per_row=rows,
                       interval=interval(spec.type, rows).to_dict())
@@ -156,7 +156,22 @@ def evaluate_task(adapter: KVEmbeddingMTEB, spec: TaskSpec, split: str = "test",
 PER_QUERY_METRIC = {"retrieval": "ndcg_cut_10", "reranking": "map_cut_1000"}
 
 
-def per_row(kind: str, task, split: str, scores: dict) -> dict:
+# k-means restarts behind the clustering interval (seeds 0..N-1, mteb's own settings otherwise)
+KMEANS_RESTARTS = 50
+
+
+def kmeans_restarts(vectors, labels, n: int = KMEANS_RESTARTS) -> list[float]:
+    """V-measure of mteb's clustering (MiniBatchKMeans, k = #labels, batch 500, n_init auto) under n seeds."""
+    from sklearn.cluster import MiniBatchKMeans
+    from sklearn.metrics import v_measure_score
+
+    k = len(set(labels))
+    return [float(v_measure_score(labels, MiniBatchKMeans(n_clusters=k, batch_size=500, n_init="auto",
+                                                         random_state=seed).fit(vectors).labels_))
+            for seed in range(n)]
+
+
+def per_row(kind: str, task, split: str, scores: dict, adapter=None) -> dict:
     """What `scores` is computed from, per unit, as plain lists (see intervals.py)."""
     if kind in PER_QUERY_METRIC:
         qids = sorted(task.per_query)  # by id, so that two methods' lists pair up
@@ -165,7 +180,9 @@ def per_row(kind: str, task, split: str, scores: dict) -> dict:
         return {"per_experiment": [float(e["accuracy"]) for e in scores["scores_per_experiment"]]}
     data = task.dataset[split]
     if kind == "clustering":
-        return {"cluster": [int(c) for c in task.predictions[0]], "label": list(data[0]["labels"])}
+        labels = list(data[0]["labels"])
+        return {"cluster": [int(c) for c in task.predictions[0]], "label": labels,
+                "per_restart": kmeans_restarts(adapter.last_vectors, labels)}
     preds = task.predictions
     if kind == "sts":
         return {"cosine": [float(x) for x in preds["cosine_scores"]], "gold": [float(x) for x in data["score"]]}
