@@ -109,12 +109,6 @@ def method_name(name: str) -> str:
     return name
 
 
-def make_method(name: str, **switches):
-    """A method object by name with its switches (kvembedding's `layers` already resolved to indices)."""
-    name = method_name(name)
-    return METHODS[name](**check(name, switches))
-
-
 def low_precision_slowdown(dtype: torch.dtype, device: torch.device) -> float | None:
     """How many times slower a (512 x 1024) @ (1024 x 1024) matmul runs in `dtype` than in float32 here; None
     off the CPU or for float32. Measured, because a CPU flag list does not say what the kernels do."""

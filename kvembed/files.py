@@ -28,7 +28,6 @@ CACHE_ENV = "KVEMBED_CACHE"
 TMP_MARK = ".tmp-"
 BOM = "\ufeff"
 JSONL_SUFFIXES = (".jsonl", ".ndjson")
-TEXT_SUFFIXES = (".txt", ".text", ".tsv", ".csv", "")
 
 
 class TextFileError(ValueError):
@@ -93,10 +92,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = Tr
 
 
 # ------------------------------------------------------------------------------------- reading texts
-
-
-def is_jsonl(path: str | os.PathLike) -> bool:
-    return Path(path).suffix.lower() in JSONL_SUFFIXES
 
 
 def iter_lines(path: str | os.PathLike):

@@ -107,7 +107,7 @@ def write_golden(embedder, outdir, texts=GOLDEN_TEXTS) -> Path:
     return outdir
 
 
-def check_golden(embedder, outdir, rtol: float = 1e-5) -> dict[str, float]:
+def check_golden(embedder, outdir) -> dict[str, float]:
     """Recompute and compare with a golden folder; returns {name: max error relative to the tensor's max}."""
     outdir = Path(outdir)
     want = load_file(str(outdir / "golden.safetensors"))
