@@ -25,6 +25,9 @@ from .cli_options import (NAMED_MODELS_HELP, add_model_options, embedder_from_ar
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_EMBED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 OUTPUT_SUFFIXES = (".npy", ".jsonl", ".ndjson")
+# Optional packages and the pip extra that installs each (pyproject.toml).
+EXTRAS = {"mteb": "eval", "datasets": "eval", "sklearn": "eval", "scipy": "eval", "sentence_transformers": "st",
+          "transformers": "bench"}
 
 
 class InputError(ValueError):
@@ -248,6 +251,13 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print("kvembed: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except ModuleNotFoundError as e:
+        extra = EXTRAS.get((e.name or "").split(".")[0])
+        if extra is None:
+            raise  # not an optional package: a bug, with its traceback
+        print(f"kvembed: error: `kvembed {args.cmd}` needs the optional package {e.name}: "
+              f"pip install 'kvembed[{extra}]'", file=sys.stderr)
+        return EXIT_INPUT
     except (WeightsError, ConfigError) as e:
         print(f"kvembed: model error: {e}", file=sys.stderr)
         return EXIT_MODEL

@@ -292,3 +292,13 @@ def test_ctrl_c_is_one_line_and_exit_130(model, monkeypatch, capsys):
     monkeypatch.setattr(cli, "embedder_from_args", interrupted)
     assert embed(model, "a") == cli.EXIT_INTERRUPTED == 130
     assert capsys.readouterr().err.strip() == "kvembed: interrupted"
+
+
+def test_a_missing_optional_package_names_the_extra(model, monkeypatch, capsys):
+    def no_mteb(args):
+        raise ModuleNotFoundError("No module named 'mteb'", name="mteb")
+
+    monkeypatch.setattr(cli, "run_embed", no_mteb)
+    assert embed(model, "a") == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "pip install 'kvembed[eval]'" in err and "Traceback" not in err
