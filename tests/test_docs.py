@@ -17,6 +17,8 @@ def defined_names(path: Path) -> set[str]:
             names.add(node.name)
         elif isinstance(node, ast.Assign):
             names |= {t.id for t in node.targets if isinstance(t, ast.Name)}
+        elif isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):  # `SWITCHES: dict[...] = ...`
+            names.add(node.target.id)
     return names
 
 
