@@ -103,8 +103,10 @@ def render_markdown(table: Table, meta: dict, paired: list[dict]) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Main scores x 100 with their 95% interval: " + "; ".join(f"{n} {m} ({t})" for n, t, m in tasks) +
               ". Intervals: bootstrap over pairs (STS, pair classification) or queries (reranking, retrieval), "
-              "1000 resamples; the spread of mteb's k-means over 50 seeds (clustering); the t interval over mteb's "
-              "10 experiments (classification); see docs/evaluation.md.", "`-`: task not run on this split (no such split; never replaced by test).", ""]
+              "1000 resamples; the spread of mteb's k-means over 50 seeds (clustering: the score is mteb's one "
+              "run, itself one such draw, so 1 in 20 lands outside); the t interval over mteb's 10 experiments "
+              "(classification); see docs/evaluation.md.",
+              "`-`: task not run on this split (no such split; never replaced by test).", ""]
     if paired:
         lines += ["## Does re-routing help? Paired differences x 100, 95% interval", "",
                   "Same rows, same resamples (or the same mteb experiments) for both sides; **\\*** marks an "
