@@ -196,14 +196,15 @@ def test_a_malformed_task_json_names_the_file(tmp_path):
 
 
 def test_combine_puts_each_backbone_in_its_own_section(tmp_path, capsys):
-    for name in ("eval_a", "eval_b"):
+    # eval_b0.5 has a dot that is not a suffix (as in eval_qwen2.5-coder-0.5b); a stem may also be named by its .md
+    for name in ("eval_a", "eval_b0.5"):
         assert cli_eval.main(["--methods", "lexical_bow", "--tasks", "stsb", "--max-rows", "10", "--out", str(tmp_path),
                               "--name", name, "--no-cache", "--no-progress"]) == 0
-    assert cli_eval.main(["--combine", str(tmp_path / "eval_a"), str(tmp_path / "eval_b"), "--out", str(tmp_path),
-                          "--name", "eval"]) == 0
+    assert cli_eval.main(["--combine", str(tmp_path / "eval_a.md"), str(tmp_path / "eval_b0.5"), "--out",
+                          str(tmp_path), "--name", "eval"]) == 0
     md = (tmp_path / "eval.md").read_text()
-    assert md.count("## Backbone:") == 2 and "(eval_a)" in md and "(eval_b)" in md
+    assert md.count("## Backbone:") == 2 and "(eval_a)" in md and "(eval_b0.5)" in md
     assert md.count("- command: `kvembed eval --methods lexical_bow") == 2  # each table keeps its own command
     data = json.loads((tmp_path / "eval.json").read_text())
-    assert [b["report"] for b in data["backbones"]] == ["eval_a", "eval_b"]
+    assert [b["report"] for b in data["backbones"]] == ["eval_a", "eval_b0.5"]
     assert cli_eval.main(["--combine", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2

@@ -163,7 +163,10 @@ def combine_reports(stems: list[Path | str], out_dir: Path | str, name: str, tit
     out_dir = Path(out_dir)
     sections, parts = [f"# {title}", ""], []
     for stem in map(Path, stems):
-        md, js = stem.with_suffix(".md"), stem.with_suffix(".json")
+        if stem.suffix in (".md", ".json"):
+            stem = stem.with_suffix("")
+        # not with_suffix: a name like eval_qwen2.5-coder-0.5b has a dot that is not a suffix
+        md, js = stem.parent / f"{stem.name}.md", stem.parent / f"{stem.name}.json"
         if not md.is_file() or not js.is_file():
             raise FileNotFoundError(f"{stem}: no {md.name} and {js.name} to combine; run `kvembed eval --name "
                                     f"{stem.name}` first")
