@@ -296,8 +296,9 @@ def leave_now(code: int) -> None:
 
     Even after `destroy_process_group`, a gloo rank could still die with SIGABRT ("terminate called without an
     active exception") while the interpreter and C++ statics were torn down, after every output file was
-    complete (seen once in about 28 two-rank launches on a busy 2-core machine). Nothing is left to do at that point (outputs are
-    written atomically and fsynced; the group is destroyed), so the worker flushes its streams and exits at once.
+    complete (seen once in 32 two-rank launches on a busy 2-core machine). Nothing is left to do at that point
+    (every output file is closed and renamed into place; the group is destroyed), so the worker flushes its
+    Python streams, the only buffers `os._exit` would lose, and exits at once.
     """
     sys.stdout.flush()
     sys.stderr.flush()

@@ -104,6 +104,20 @@ def test_every_import_is_a_dependency_or_in_its_extra():
     assert {"scikit-dimension", "sentence-transformers", "mteb"} <= extras["test"]
 
 
+def test_the_cli_names_the_extra_that_really_installs_each_optional_module():
+    # cli.EXTRAS (module -> extra, for the "pip install 'kvembed[X]'" message) is a second copy of what
+    # pyproject.toml says; every entry must name an extra that lists a distribution providing that module.
+    from kvembed import cli
+
+    tomllib = pytest.importorskip("tomllib")
+    extras = {k: requirement_names(v) for k, v in
+              tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"].items()}
+    dists = importlib.metadata.packages_distributions()
+    wrong = {mod: extra for mod, extra in cli.EXTRAS.items()
+             if not {canonical(d) for d in dists.get(mod, [mod])} & extras.get(extra, set())}
+    assert not wrong, f"cli.EXTRAS names extras that do not install these modules: {wrong}"
+
+
 # ----------------------------------------------------------------------------------- the wheel, installed
 
 

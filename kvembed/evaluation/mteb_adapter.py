@@ -97,6 +97,7 @@ class KVEmbeddingMTEB(AbsEncoder):
         self.calls.append((task_metadata.name, hf_split, prompt_name))
         short = task_metadata.name.removeprefix("kvembed-local-")
         # mteb passes its encode_kwargs on: its batch_size is honoured, anything else is mteb's own business
-        vectors = self.encoder.encode(texts, prompt_name, desc=f"{short}/{hf_split}", batch_size=kwargs.get("batch_size"))
+        vectors = self.encoder.encode(texts, prompt_name, desc=f"{short}/{hf_split}",
+                                      batch_size=kwargs.get("batch_size"))
         self.last_vectors = vectors  # the clustering interval re-runs k-means on them (runners.per_row)
         return vectors

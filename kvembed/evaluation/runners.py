@@ -171,8 +171,9 @@ def kmeans_restarts(vectors, labels, n: int = KMEANS_RESTARTS) -> list[float]:
             for seed in range(n)]
 
 
-def per_row(kind: str, task, split: str, scores: dict, adapter=None) -> dict:
-    """What `scores` is computed from, per unit, as plain lists (see intervals.py)."""
+def per_row(kind: str, task, split: str, scores: dict, adapter: KVEmbeddingMTEB) -> dict:
+    """What `scores` is computed from, per unit, as plain lists (see intervals.py); clustering re-runs k-means on
+    the vectors the adapter returned last."""
     if kind in PER_QUERY_METRIC:
         qids = sorted(task.per_query)  # by id, so that two methods' lists pair up
         return {"query_ids": qids, "per_query": [float(task.per_query[q][PER_QUERY_METRIC[kind]]) for q in qids]}
