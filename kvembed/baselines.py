@@ -41,6 +41,41 @@ def clean_text(text: str) -> str:
     return text
 
 
+# ---------------------------------------------------------------------- rows that share a beginning
+
+# A long instruction before the text (MetaEOL's prompts: 32-68 tokens) is the same tokens in every row of a batch;
+# below this many shared tokens the extra one-row pass costs about what it saves.
+SHARED_MIN_TOKENS = 16
+
+
+def shared_length(input_ids: Tensor, attention_mask: Tensor) -> int:
+    """How many first tokens every row has in common, leaving each row at least one token of its own."""
+    limit = int(attention_mask.sum(-1).min()) - 1
+    if limit <= 0:
+        return 0
+    differs = (input_ids[:, :limit] != input_ids[:1, :limit]).any(0)  # (limit,)
+    return int(differs.int().argmax()) if differs.any() else limit
+
+
+def shared_forward(model: Decoder, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+    """`model(input_ids, attention_mask).hidden` (B, T, C), with the S first tokens that all rows share run once.
+
+    The shared tokens go through the decoder as one row; their per-layer keys and values are the rest's `past`
+    (model.attention), and their states are copied into every row. Causal attention makes this the same
+    computation: a token's state depends on the tokens before it only. It saves about S / T of the work. Not for
+    KV-Embedding, whose slot (the final token) is read by every token, the instruction's included, nor under
+    torch.compile, where every new S would be a new graph.
+    """
+    B = input_ids.shape[0]
+    S = shared_length(input_ids, attention_mask)
+    compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper keeps the module there
+    if B < 2 or S < SHARED_MIN_TOKENS or compiled:
+        return model(input_ids, attention_mask).hidden
+    head = model(input_ids[:1, :S], attention_mask[:1, :S], output_kv=True)
+    rest = model(input_ids[:, S:], attention_mask[:, S:], past=head.kv).hidden  # (B, T - S, C)
+    return torch.cat((head.hidden.expand(B, -1, -1), rest), dim=1)  # (B, T, C)
+
+
 # ------------------------------------------------------------------ one prompt, one pass, one pool
 
 
@@ -55,8 +90,11 @@ class Prompted(Templated):
 
     def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
         batch = collate_fn([v[0] for v in views])
-        out = model(batch.input_ids, batch.attention_mask, causal=self.CAUSAL)
-        return pool(out.hidden, batch.attention_mask, self.pooling, self._normalize(normalize), batch.span)
+        if self.CAUSAL:
+            hidden = shared_forward(model, batch.input_ids, batch.attention_mask)
+        else:
+            hidden = model(batch.input_ids, batch.attention_mask, causal=False).hidden
+        return pool(hidden, batch.attention_mask, self.pooling, self._normalize(normalize), batch.span)
 
 
 @dataclass(frozen=True)
@@ -163,13 +201,15 @@ class MetaEOL(Method):
         return [encode_text(tokenizer, text, t, max_length) for t in self.TEMPLATES]
 
     def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
-        B, P = len(views), len(self.TEMPLATES)
+        P = len(self.TEMPLATES)
         if any(len(v) != P for v in views):
             raise ValueError(f"metaeol expects {P} views per text (one per prompt), got {[len(v) for v in views]}")
-        batch = collate_fn([e for v in views for e in v])  # B*P rows, text-major
-        out = model(batch.input_ids, batch.attention_mask)
-        e = pool(out.hidden, batch.attention_mask, self.pooling, False, batch.span)  # (B*P, C)
-        e = e.view(B, P, -1).mean(1)  # (B, C)
+        e = 0
+        for p in range(P):  # one batch per prompt: its rows share the prompt's instruction, run once
+            batch = collate_fn([v[p] for v in views])
+            hidden = shared_forward(model, batch.input_ids, batch.attention_mask)
+            e = e + pool(hidden, batch.attention_mask, self.pooling, False, batch.span)  # (B, C)
+        e = e / P
         return torch.nn.functional.normalize(e, dim=-1) if self._normalize(normalize) else e
 
 
@@ -214,7 +254,7 @@ class Echo(Templated):
 
     def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
         batch = collate_fn([v[0] for v in views])
-        h = model(batch.input_ids, batch.attention_mask).hidden  # (B, T, C)
+        h = shared_forward(model, batch.input_ids, batch.attention_mask)  # (B, T, C)
         if self.pooling == "last":  # the copy's final token, not the prompt's
             e = h[torch.arange(len(views), device=h.device), batch.span[:, 1] - 1].float()  # (B, C)
         else:

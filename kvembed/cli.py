@@ -196,7 +196,7 @@ def run_golden(args) -> int:
 
 # ------------------------------------------------------------------------------------------- bench
 
-BENCHES = ("forward", "attention", "memory", "scale")
+BENCHES = ("forward", "attention", "memory", "baselines", "scale")
 
 
 def run_bench(args) -> int:
@@ -229,7 +229,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         add(p)
         p.set_defaults(func=run)
-    p = sub.add_parser("bench", help="run a benchmark (forward, attention, memory, scale); results under ./bench/results")
+    p = sub.add_parser("bench", help="run a benchmark (forward, attention, memory, baselines, scale); results under ./bench/results")
     p.add_argument("which", choices=BENCHES)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (e.g. --quick)")
     p.set_defaults(func=run_bench)

@@ -4,6 +4,7 @@ Notation
     B    batch size (rows, right-padded)
     T    tokens per row
     P    injected prefix slots (KV-Embedding uses P = 1)
+    S    shared past tokens, run once for every row (baselines.shared_forward)
     C    residual width (hidden_size)
     Hq   query heads            Hkv  key/value heads (GQA: Hq = n_rep * Hkv)
     D    head_dim               L    decoder layers
@@ -181,7 +182,8 @@ def visible(T: int, device, *, causal: bool = True, window: int | None = None, k
 
 
 def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
-              key_padding: Tensor | None = None, prefix: Prefix | None = None) -> Tensor:
+              key_padding: Tensor | None = None, prefix: Prefix | None = None,
+              past: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """Scaled dot-product attention with an optional prefix slot, in one fused SDPA call and no dense mask.
 
     q (B, Hq, T, D); k, v (B, Hkv, T, D) -> (B, Hq, T, D). Masks: see `visible` (None on the hot path).
@@ -195,10 +197,25 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
       - the channels are padded with zeros (which add nothing to any dot product) to what the device's fused
         kernels take (`slot_width`: D + 1 on the CPU, a multiple of 8 on CUDA), and v gets the same width so
         one kernel serves q, k and v.
+
+    `past` (pk, pv), each (1|B, Hkv, S, D): the post-RoPE keys and values of S earlier tokens that every row
+    shares (a common instruction, computed once: baselines.shared_forward). S zero query rows go first, so under the
+    same top-left `is_causal` mask real row i (now S + i) sees all S past keys and k_0 .. k_i, as if the past
+    were its own first tokens; the dummy rows' outputs are dropped. Causal attention without a slot only.
     """
     Hq, Hkv, T, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(D)
     gqa = Hq != Hkv  # SDPA repeats KV heads inside the kernel, without materialising (B, Hq, T, D) copies
+    if past is not None:
+        if prefix is not None or not causal:
+            raise ValueError("a shared past goes with causal attention and no prefix slot")
+        S = past[0].shape[2]
+        q = F.pad(q, (0, 0, S, 0))  # (B, Hq, S + T, D)
+        k, v = (torch.cat((p.to(t.dtype).expand(t.shape[0], -1, -1, -1), t), dim=2) for p, t in zip(past, (k, v)))
+        mask = visible(S + T, q.device, window=window)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
+                                             enable_gqa=gqa)  # (B, Hq, S + T, D)
+        return out[:, :, S:]
     if prefix is not None and prefix.bias == float("-inf"):
         prefix = None  # exp(-inf) = 0: the slot would get exactly zero weight
     if prefix is None:
@@ -244,20 +261,25 @@ def with_slot(q: Tensor, k: Tensor, v: Tensor, prefix: Prefix, scale: float) -> 
 
 
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
-                        key_padding: Tensor | None = None, prefix: Prefix | None = None) -> Tensor:
+                        key_padding: Tensor | None = None, prefix: Prefix | None = None,
+                        past: tuple[Tensor, Tensor] | None = None) -> Tensor:
     """The same computation from its definition, explicit logits and an fp32 softmax: the fast path's twin."""
     B, Hq, T, D = q.shape
     n_rep = Hq // k.shape[1]
+    if past is not None:  # earlier tokens: their keys come first, and row i sits at position S + i
+        k, v = (torch.cat((p.to(t.dtype).expand(B, -1, -1, -1), t), dim=2) for p, t in zip(past, (k, v)))
+    S = k.shape[2] - T
     qf = q.float()
-    kf = k.float().repeat_interleave(n_rep, dim=1)  # (B, Hq, T, D)
+    kf = k.float().repeat_interleave(n_rep, dim=1)  # (B, Hq, S + T, D)
     vf = v.float().repeat_interleave(n_rep, dim=1)
-    scores = qf @ kf.transpose(-1, -2) / math.sqrt(D)  # (B, Hq, T, T)
-    i, j = torch.arange(T, device=q.device)[:, None], torch.arange(T, device=q.device)[None, :]
-    ok = (j <= i) if causal else torch.ones(T, T, dtype=torch.bool, device=q.device)
+    scores = qf @ kf.transpose(-1, -2) / math.sqrt(D)  # (B, Hq, T, S + T)
+    i, j = torch.arange(S, S + T, device=q.device)[:, None], torch.arange(S + T, device=q.device)[None, :]
+    ok = (j <= i) if causal else torch.ones(T, S + T, dtype=torch.bool, device=q.device)
     if window is not None:
         ok = ok & (i - j < window)
     if key_padding is not None and not causal:
-        ok = ok & (key_padding.bool()[:, None, None, :] | (i == j))  # pad keys hidden; a pad row keeps itself
+        keys = F.pad(key_padding.bool(), (S, 0), value=True)  # (B, S + T): past tokens are never padding
+        ok = ok & (keys[:, None, None, :] | (i == j))  # pad keys hidden; a pad row keeps itself
     scores = scores.masked_fill(~ok, float("-inf"))
     if prefix is not None:
         pk = prefix.k.float().repeat_interleave(n_rep, dim=1)  # (B, Hq, 1, D)
@@ -304,7 +326,7 @@ class Attention(nn.Module):
             self.k_norm = RMSNorm(D, args.rms_norm_eps)
         self.qk_norm = args.qk_norm
 
-    def forward(self, x, cos, sin, masks: dict, layer: int, intervention: Intervention | None):
+    def forward(self, x, cos, sin, masks: dict, layer: int, intervention: Intervention | None, past=None):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, Hq, D)
         k = self.k_proj(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, Hkv, D)
@@ -317,7 +339,7 @@ class Attention(nn.Module):
         if intervention is not None:
             prefix = intervention.prefix(layer, QKV(q_pre, k_pre, q, k, v, cos, sin))
         del q_pre, k_pre  # the prefix keeps what it needs: free the rest before the attention's own peak
-        out = attention(q, k, v, prefix=prefix, **masks)  # (B, Hq, T, D)
+        out = attention(q, k, v, prefix=prefix, past=past, **masks)  # (B, Hq, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, Hq*D)
         return self.o_proj(out), k, v
 
@@ -355,8 +377,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(args.hidden_size, args.rms_norm_eps)
         self.mlp = MLP(args)
 
-    def forward(self, x, cos, sin, masks: dict, intervention):
-        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, masks, self.layer, intervention)
+    def forward(self, x, cos, sin, masks: dict, intervention, past=None):
+        a, k, v = self.self_attn(self.input_layernorm(x), cos, sin, masks, self.layer, intervention, past)
         h = x + a
         del a  # free the attention output before the MLP runs (memory grows with T: every (T, C) counts)
         return h + self.mlp(self.post_attention_layernorm(h)), k, v
@@ -380,9 +402,9 @@ class Decoder(nn.Module):
         # and survives building on the meta device.
         self._inv_freq = rope_inv_freq(args)
 
-    def rope(self, T: int, device) -> tuple[Tensor, Tensor]:
-        """cos, sin (T, D) fp32 for positions 0..T-1, the same for every row (right padding)."""
-        return rope_cos_sin(self._inv_freq.to(device), torch.arange(T, device=device))
+    def rope(self, T: int, device, start: int = 0) -> tuple[Tensor, Tensor]:
+        """cos, sin (T, D) fp32 for positions start..start+T-1, the same for every row (right padding)."""
+        return rope_cos_sin(self._inv_freq.to(device), torch.arange(start, start + T, device=device))
 
     def forward(
         self,
@@ -393,10 +415,15 @@ class Decoder(nn.Module):
         causal: bool = True,
         output_hidden_states: bool = False,
         output_kv: bool = False,
+        past: list[tuple[Tensor, Tensor]] | None = None,
     ) -> DecoderOutput:
+        """`past`: L x (k, v) (1|B, Hkv, S, D), the `kv` of an earlier run over S tokens that precede every row
+        (baselines.shared_forward); the rows then sit at positions S..S+T-1 and attend to those tokens too."""
+        if past is not None and intervention is not None:
+            raise ValueError("past is for the plain causal forward: an intervention indexes whole rows")
         B, T = input_ids.shape
         h = self.embed_tokens(input_ids)  # (B, T, C)
-        cos, sin = self.rope(T, h.device)
+        cos, sin = self.rope(T, h.device, start=0 if past is None else past[0][0].shape[2])
         # Causal attention needs no mask under right padding (see `visible`); without causality, pads are hidden.
         masks = dict(causal=causal, key_padding=None if causal else attention_mask)
         sliding = dict(masks, window=self.args.sliding_window)
@@ -404,7 +431,8 @@ class Decoder(nn.Module):
         for block in self.layers:
             if intervention is not None:
                 h = intervention.edit(block.layer, h)
-            h, k, v = block(h, cos, sin, sliding if block.sliding else masks, intervention)
+            h, k, v = block(h, cos, sin, sliding if block.sliding else masks, intervention,
+                            None if past is None else past[block.layer])
             if output_hidden_states:
                 layer_outputs.append(h)
             if output_kv:

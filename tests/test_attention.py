@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from kvembed.model import Prefix, attention, attention_reference, visible
-from tests.tolerance import assert_close, drift
+from tests.tolerance import assert_close, assert_differ, drift
 
 D = 16
 # SDPA (flash, blocked online softmax) vs an explicit fp32 softmax: reordered sums over D channels and over the
@@ -103,6 +103,33 @@ def test_bias_adds_to_the_prefix_logit():
         w0 = torch.softmax(torch.tensor([s0, s1], dtype=torch.float64), 0)[0].item()
         # the output is the slot's weight itself (values 1 and 0); a 2-term softmax in fp32
         assert abs(out[0, 0, 0, 0].item() - w0) <= drift(torch.float32, terms=4)
+
+
+@pytest.mark.parametrize("Hq,Hkv", [(4, 2), (8, 1)])
+@pytest.mark.parametrize("window", [None, 3, 20])
+def test_a_shared_past_is_the_same_tokens_at_the_head_of_every_row(Hq, Hkv, window):
+    """`past` (S tokens, one row, shared by all) against the reference twin, and against the definition: plain
+    causal attention over [past; row], rows S.. . Windows shorter and longer than S + T."""
+    q, k, v, am, g = inputs(Hq=Hq, Hkv=Hkv)
+    B, S = q.shape[0], 4
+    pq, pk, pv = (torch.randn(1, h, S, D, generator=g) for h in (Hq, Hkv, Hkv))
+    got = attention(q, k, v, window=window, past=(pk, pv))
+    # the softmax now runs over up to S + T keys
+    tol = drift(torch.float32, terms=D + S + q.shape[2])
+    assert_close(got, attention_reference(q, k, v, window=window, past=(pk, pv)), tol, "past vs reference")
+    whole = attention_reference(*(torch.cat((p.expand(B, -1, -1, -1), t), dim=2) for p, t in
+                                  zip((pq, pk, pv), (q, k, v))), window=window)  # (B, Hq, S + T, D)
+    assert_close(got, whole[:, :, S:], tol, "past vs the whole sequence")
+    assert_differ(got, attention(q, k, v, window=window), tol, "the past is read")
+
+
+def test_a_shared_past_refuses_a_slot_and_bidirectional_attention():
+    q, k, v, am, g = inputs()
+    past = (k[:1, :, :2], v[:1, :, :2])
+    with pytest.raises(ValueError, match="shared past goes with causal attention"):
+        attention(q, k, v, causal=False, past=past)
+    with pytest.raises(ValueError, match="shared past goes with causal attention"):
+        attention(q, k, v, prefix=make_prefix("shared", q, k, g), past=past)
 
 
 def test_bf16_fast_path_close_to_reference():

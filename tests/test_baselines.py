@@ -16,8 +16,9 @@ import torch.nn.functional as F
 
 from kvembed.baselines import (BASELINES, ECHO_DOCUMENT_TEMPLATE, ECHO_PAPER_TEMPLATE, ECHO_QUERY_TEMPLATE,
                                METAEOL_TEMPLATES, PROMPTEOL_TEMPLATE, TP_TEMPLATE, Bidirectional, Echo, MetaEOL,
-                               TokenPrepending, clean_text)
+                               SHARED_MIN_TOKENS, TokenPrepending, clean_text, shared_forward, shared_length)
 from kvembed.method import DOCUMENT_TEMPLATE, QUERY_TEMPLATE, collate, encode_text, fill, text_span
+from kvembed.model import Intervention
 from tests import tiny
 from tests.test_model_parity import ours_from_hf
 from tests.tolerance import assert_close, assert_differ, decoder_drift
@@ -155,6 +156,48 @@ def test_metaeol_averages_eight_final_tokens(model, tok):
         # Not just one of the prompts: the average differs from each single final token.
         for j, f in enumerate(finals):
             assert_differ(e[i], F.normalize(f, dim=-1), drift(model, views), f"metaeol mean vs prompt {j}")
+
+
+def test_metaeol_runs_each_prompts_instruction_once(model, tok):
+    """Each prompt's rows share its instruction (SHARED_MIN_TOKENS or more tokens), so it is computed once."""
+    views = [MetaEOL().prepare(tok, t, None, None) for t in TEXTS]
+    for p in range(len(METAEOL_TEMPLATES)):
+        batch = collate([v[p] for v in views])
+        assert shared_length(batch.input_ids, batch.attention_mask) >= SHARED_MIN_TOKENS
+
+
+def test_shared_length():
+    ids = torch.tensor([[1, 2, 3, 4, 5], [1, 2, 3, 9, 0], [1, 2, 3, 4, 0]])
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 0], [1, 1, 1, 1, 0]])
+    assert shared_length(ids, mask) == 3  # rows part at index 3
+    assert shared_length(ids[[0, 2]], mask[[0, 2]]) == 3  # each row keeps one token of its own
+    assert shared_length(ids[:, :1], mask[:, :1]) == 0
+    assert shared_length(torch.tensor([[1, 2], [7, 2]]), torch.ones(2, 2, dtype=torch.long)) == 0
+
+
+@pytest.mark.parametrize("family", ["llama", "mistral_window", "qwen2", "qwen3"])
+def test_shared_forward_is_the_plain_forward(models, family):
+    """20 shared tokens, then tails of 9, 4 and 1 tokens, right-padded: every state, pads included, equals the
+    plain forward's; the shared tokens ran once (mistral_window: a window of 5, shorter than S + T)."""
+    model = models(family)
+    g = torch.Generator().manual_seed(0)
+    head = torch.randint(3, 300, (20,), generator=g).tolist()
+    rows = [head + torch.randint(3, 300, (n,), generator=g).tolist() for n in (9, 4, 1)]
+    batch = collate(rows)
+    shapes = []
+
+    def spy(*args, **kw):
+        shapes.append(tuple(args[0].shape))
+        return model(*args, **kw)
+
+    with torch.no_grad():
+        got = shared_forward(spy, batch.input_ids, batch.attention_mask)
+        want = model(batch.input_ids, batch.attention_mask).hidden
+    assert shapes == [(1, 20), (3, 9)]
+    assert_close(got, want, decoder_drift(model.args, 29), f"{family}: shared vs plain")
+    past = model(batch.input_ids[:1, :20], batch.attention_mask[:1, :20], output_kv=True).kv
+    with pytest.raises(ValueError, match="past is for the plain causal forward"):
+        model(batch.input_ids[:, 20:], batch.attention_mask[:, 20:], past=past, intervention=Intervention())
 
 
 def test_metaeol_truncates_every_view(tok):

@@ -4,6 +4,7 @@
     forward       the whole embedding forward: re-routing vs plain, vs transformers (one text, a padded batch),
                   and the share of the measured matmul peak it reaches
     memory        peak memory of one long text, each length in a fresh process
+    baselines     MetaEOL with each prompt's instruction run once, against every row running it
     scale         embed-corpus, one process vs torchrun
     device_check  the GPU run: the three above on random weights shaped like three real models, bf16
     report        regenerates perf.md (targets and verdicts) from the results files

@@ -16,7 +16,7 @@ from typing import Callable
 
 from . import common
 
-SCRIPTS = ("attention", "forward", "memory", "device_check")  # sections, in this order
+SCRIPTS = ("attention", "forward", "memory", "baselines", "device_check")  # sections, in this order
 MiB = 2**20
 
 
@@ -107,6 +107,9 @@ TARGETS = [
            "reported (its slot widens every head by D channels)", "attention",
            lambda r: r["name"] == "unrotated_prefix_vs_sdpa_causal" and _cpu_fp32(r),
            None, lambda r: f"T={_T(r)}: {_pct(r['overhead'])}"),
+    Target("MetaEOL, each prompt's instruction run once vs in every row, 32 texts a batch", "reported",
+           "baselines", lambda r: r["name"] == "metaeol_shared_vs_plain" and _cpu_fp32(r) and r["shape"]["B"] == 32,
+           None, lambda r: f"{r['shape']['texts']}: {r['ratio']:.2f}× {_ratio_noise(r)}"),
     Target("Unrotated KV-Embedding forward vs the plain forward (B=1)", "reported", "forward",
            lambda r: r["name"] == "unrotated_vs_plain" and _cpu_fp32(r) and r["shape"]["B"] == 1,
            None, lambda r: f"T={_T(r)}: {_pct(r['overhead'])} {_noise(r)}"),
@@ -241,6 +244,7 @@ def write_perf_md(out: Path) -> Path:
     titles = {"attention": "attention: the prefix routine vs plain causal SDPA",
               "forward": "forward: the whole embedding forward",
               "memory": "memory: one long text",
+              "baselines": "baselines: MetaEOL with each instruction run once",
               "device_check": "device check: GPU, random weights of real shapes, vs transformers"}
     for script in SCRIPTS:
         if script not in results:
