@@ -195,6 +195,10 @@ def test_shared_forward_is_the_plain_forward(models, family):
         want = model(batch.input_ids, batch.attention_mask).hidden
     assert shapes == [(1, 20), (3, 9)]
     assert_close(got, want, decoder_drift(model.args, 29), f"{family}: shared vs plain")
+    spy._orig_mod = model  # as torch.compile's wrapper: every new S would be a new graph, so rows run whole
+    with torch.no_grad():
+        shared_forward(spy, batch.input_ids, batch.attention_mask)
+    assert shapes[2:] == [(3, 29)]
     past = model(batch.input_ids[:1, :20], batch.attention_mask[:1, :20], output_kv=True).kv
     with pytest.raises(ValueError, match="past is for the plain causal forward"):
         model(batch.input_ids[:, 20:], batch.attention_mask[:, 20:], past=past, intervention=Intervention())
