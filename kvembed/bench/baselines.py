@@ -1,9 +1,9 @@
 """MetaEOL with each prompt's instruction run once (kvembed.baselines.shared_forward) against every row running it.
 
-    python -m kvembed.bench.baselines --quick   the default model (real weights), 32 texts a batch:
+    python -m kvembed.bench.baselines --quick   the default model (real weights), 16 texts a batch:
                                                 STS-B sentences (short: the instruction is most of each row) and
                                                 BBC News articles cut to 128 tokens (long: the text is most of it)
-    python -m kvembed.bench.baselines --full    the same at 8 and 32 texts a batch
+    python -m kvembed.bench.baselines --full    the same at 8 and 32 texts a batch (32: the encoder's default)
 
 Sides (the same texts, views and batches: `MetaEOL().embed`, 8 prompts, one batch per prompt):
     plain    every row runs its whole prompt (the shared path switched off: SHARED_MIN_TOKENS above any prompt)
@@ -24,8 +24,8 @@ from kvembed.method import collate
 
 from . import common, models
 
-QUICK = dict(batches=[32], repeats=5)
-FULL = dict(batches=[8, 32], repeats=7)
+QUICK = dict(batches=[16], repeats=3)
+FULL = dict(batches=[8, 32], repeats=5)
 
 
 @contextlib.contextmanager
@@ -82,7 +82,7 @@ def run(bm: models.BenchModel, corpora: dict[str, list[str]], batches, repeats: 
 def main(argv=None) -> int:
     argv = common.argv_list(argv)
     p = argparse.ArgumentParser(prog="python -m kvembed.bench.baselines", description=__doc__.split("\n\n")[0])
-    common.add_arguments(p, quick="default model, 32 texts a batch, short and long texts",
+    common.add_arguments(p, quick="default model, 16 texts a batch, short and long texts",
                          full="the same at 8 and 32 texts a batch")
     p.add_argument("--data-dir", default=None, help="the data pack (default: $KVEMBED_DATA or ../shared/data)")
     opts = p.parse_args(argv)
