@@ -14,6 +14,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from kvembed import baselines
 from kvembed.baselines import (BASELINES, ECHO_DOCUMENT_TEMPLATE, ECHO_PAPER_TEMPLATE, ECHO_QUERY_TEMPLATE,
                                METAEOL_TEMPLATES, PROMPTEOL_TEMPLATE, TP_TEMPLATE, Bidirectional, Echo, MetaEOL,
                                SHARED_MIN_TOKENS, TokenPrepending, clean_text, shared_forward, shared_length)
@@ -158,12 +159,29 @@ def test_metaeol_averages_eight_final_tokens(model, tok):
             assert_differ(e[i], F.normalize(f, dim=-1), drift(model, views), f"metaeol mean vs prompt {j}")
 
 
-def test_metaeol_runs_each_prompts_instruction_once(model, tok):
-    """Each prompt's rows share its instruction (SHARED_MIN_TOKENS or more tokens), so it is computed once."""
-    views = [MetaEOL().prepare(tok, t, None, None) for t in TEXTS]
+def test_metaeol_runs_each_prompts_instruction_once(model, tok, monkeypatch):
+    """Each prompt's rows share its instruction (SHARED_MIN_TOKENS or more tokens): one batch per prompt, the
+    instruction run as one row, then the rest; the vectors equal those of every row run whole."""
+    m = MetaEOL()
+    views = [m.prepare(tok, t, None, None) for t in TEXTS]
+    shared = []
     for p in range(len(METAEOL_TEMPLATES)):
         batch = collate([v[p] for v in views])
-        assert shared_length(batch.input_ids, batch.attention_mask) >= SHARED_MIN_TOKENS
+        shared.append(shared_length(batch.input_ids, batch.attention_mask))
+    assert min(shared) >= SHARED_MIN_TOKENS
+    calls = []
+
+    def spy(*args, **kw):
+        calls.append(tuple(args[0].shape))
+        return model(*args, **kw)
+
+    with torch.no_grad():
+        got = m.embed(spy, views, collate)
+        monkeypatch.setattr(baselines, "SHARED_MIN_TOKENS", 10**9)  # every row whole
+        want = m.embed(model, views, collate)
+    assert [c for c in calls if c[0] == 1] == [(1, s) for s in shared]  # each instruction once, as one row
+    assert len(calls) == 2 * len(METAEOL_TEMPLATES)
+    assert_close(got, want, drift(model, views), "metaeol: shared instruction vs every row whole")
 
 
 def test_shared_length():
