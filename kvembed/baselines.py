@@ -57,20 +57,22 @@ def shared_length(input_ids: Tensor, attention_mask: Tensor) -> int:
     return int(differs.int().argmax()) if differs.any() else limit
 
 
-def shared_forward(model: Decoder, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-    """`model(input_ids, attention_mask).hidden` (B, T, C), with the S first tokens that all rows share run once.
+def shared_forward(model: Decoder, input_ids: Tensor, attention_mask: Tensor, causal: bool = True) -> Tensor:
+    """`model(input_ids, attention_mask, causal=causal).hidden` (B, T, C), with the S first tokens that all rows
+    share run once.
 
     The shared tokens go through the decoder as one row; their per-layer keys and values are the rest's `past`
     (model.attention), and their states are copied into every row. Causal attention makes this the same
     computation: a token's state depends on the tokens before it only. It saves about S / T of the work. Not for
-    KV-Embedding, whose slot (the final token) is read by every token, the instruction's included, nor under
-    torch.compile, where every new S would be a new graph.
+    KV-Embedding, whose slot (the final token) is read by every token, the instruction's included, nor without
+    causality (every token reads the rows' own tokens), nor under torch.compile, where every new S would be a new
+    graph.
     """
     B = input_ids.shape[0]
-    S = shared_length(input_ids, attention_mask)
     compiled = hasattr(model, "_orig_mod")  # torch.compile's wrapper keeps the module there
-    if B < 2 or S < SHARED_MIN_TOKENS or compiled:
-        return model(input_ids, attention_mask).hidden
+    S = shared_length(input_ids, attention_mask) if causal and not compiled else 0
+    if B < 2 or S < SHARED_MIN_TOKENS:
+        return model(input_ids, attention_mask, causal=causal).hidden
     head = model(input_ids[:1, :S], attention_mask[:1, :S], output_kv=True)
     rest = model(input_ids[:, S:], attention_mask[:, S:], past=head.kv).hidden  # (B, T - S, C)
     return torch.cat((head.hidden.expand(B, -1, -1), rest), dim=1)  # (B, T, C)
@@ -90,10 +92,7 @@ class Prompted(Templated):
 
     def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
         batch = collate_fn([v[0] for v in views])
-        if self.CAUSAL:
-            hidden = shared_forward(model, batch.input_ids, batch.attention_mask)
-        else:
-            hidden = model(batch.input_ids, batch.attention_mask, causal=False).hidden
+        hidden = shared_forward(model, batch.input_ids, batch.attention_mask, causal=self.CAUSAL)
         return pool(hidden, batch.attention_mask, self.pooling, self._normalize(normalize), batch.span)
 
 

@@ -206,22 +206,20 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
     Hq, Hkv, T, D = q.shape[1], k.shape[1], q.shape[2], q.shape[3]
     scale = 1.0 / math.sqrt(D)
     gqa = Hq != Hkv  # SDPA repeats KV heads inside the kernel, without materialising (B, Hq, T, D) copies
+    S = 0
     if past is not None:
         if prefix is not None or not causal:
             raise ValueError("a shared past goes with causal attention and no prefix slot")
         S = past[0].shape[2]
-        q = F.pad(q, (0, 0, S, 0))  # (B, Hq, S + T, D)
-        k, v = (torch.cat((p.to(t.dtype).expand(t.shape[0], -1, -1, -1), t), dim=2) for p, t in zip(past, (k, v)))
-        mask = visible(S + T, q.device, window=window)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, scale=scale,
-                                             enable_gqa=gqa)  # (B, Hq, S + T, D)
-        return out[:, :, S:]
+        q = F.pad(q, (0, 0, S, 0))  # (B, Hq, S + T, D): the S dummy rows
+        k, v = with_past(k, v, past)  # (B, Hkv, S + T, D)
     if prefix is not None and prefix.bias == float("-inf"):
         prefix = None  # exp(-inf) = 0: the slot would get exactly zero weight
     if prefix is None:
-        mask = visible(T, q.device, causal=causal, window=window, key_padding=key_padding)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                              scale=scale, enable_gqa=gqa)
+        mask = visible(S + T, q.device, causal=causal, window=window, key_padding=key_padding)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                             scale=scale, enable_gqa=gqa)  # (B, Hq, S + T, D)
+        return out[:, :, S:] if S else out
     q, k, v = with_slot(q, k, v, prefix, scale)  # (B, H, T + 1, E)
     mask = visible(T, q.device, causal=causal, window=window, key_padding=key_padding, prefix=True)
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
@@ -260,6 +258,11 @@ def with_slot(q: Tensor, k: Tensor, v: Tensor, prefix: Prefix, scale: float) -> 
     return qx, kx, vx
 
 
+def with_past(k: Tensor, v: Tensor, past: tuple[Tensor, Tensor]) -> tuple[Tensor, Tensor]:
+    """k, v (B, Hkv, T, D) with the shared past's keys and values (1|B, Hkv, S, D) in front of every row."""
+    return tuple(torch.cat((p.to(t.dtype).expand(t.shape[0], -1, -1, -1), t), dim=2) for p, t in zip(past, (k, v)))
+
+
 def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: int | None = None,
                         key_padding: Tensor | None = None, prefix: Prefix | None = None,
                         past: tuple[Tensor, Tensor] | None = None) -> Tensor:
@@ -267,7 +270,7 @@ def attention_reference(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True,
     B, Hq, T, D = q.shape
     n_rep = Hq // k.shape[1]
     if past is not None:  # earlier tokens: their keys come first, and row i sits at position S + i
-        k, v = (torch.cat((p.to(t.dtype).expand(B, -1, -1, -1), t), dim=2) for p, t in zip(past, (k, v)))
+        k, v = with_past(k, v, past)
     S = k.shape[2] - T
     qf = q.float()
     kf = k.float().repeat_interleave(n_rep, dim=1)  # (B, Hq, S + T, D)

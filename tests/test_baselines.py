@@ -217,6 +217,10 @@ def test_shared_forward_is_the_plain_forward(models, family):
     with torch.no_grad():
         shared_forward(spy, batch.input_ids, batch.attention_mask)
     assert shapes[2:] == [(3, 29)]
+    with torch.no_grad():  # without causality every token reads the rows' own tokens: nothing is shared
+        got = shared_forward(spy, batch.input_ids, batch.attention_mask, causal=False)
+    assert shapes[3:] == [(3, 29)]
+    assert torch.equal(got, model(batch.input_ids, batch.attention_mask, causal=False).hidden)
     past = model(batch.input_ids[:1, :20], batch.attention_mask[:1, :20], output_kv=True).kv
     with pytest.raises(ValueError, match="past is for the plain causal forward"):
         model(batch.input_ids[:, 20:], batch.attention_mask[:, 20:], past=past, intervention=Intervention())

@@ -20,6 +20,7 @@ import json
 import torch
 
 from kvembed import baselines
+from kvembed.evaluation.tasks import TextCap
 from kvembed.method import collate
 
 from . import common, models
@@ -45,8 +46,8 @@ def texts(directory, tokenizer, n: int) -> dict[str, list[str]]:
         sts = [json.loads(line)["sentence1"] for _, line in zip(range(n), f)]
     with open(directory / "bbc_news_clustering" / "test.jsonl", encoding="utf-8") as f:
         bbc = [json.loads(line)["text"] for _, line in zip(range(n), f)]
-    bbc = [t[: e.offsets[min(127, len(e.offsets) - 1)][1]] for t, e in zip(bbc, tokenizer.encode_batch(bbc))]
-    return {"stsb": sts, "bbc_128_tokens": bbc}
+    cut = TextCap(tokenizer, 128)  # kvembed eval's --max-text-tokens 128
+    return {"stsb": sts, "bbc_128_tokens": [cut(t) for t in bbc]}
 
 
 def run(bm: models.BenchModel, corpora: dict[str, list[str]], batches, repeats: int, device, dtype,

@@ -1,6 +1,6 @@
 """Evaluation on the local data pack with the MTEB 2.x protocol (optional extra: `pip install kvembed[eval]`).
 
-tasks.py        the data pack on disk: task.json, splits, seeded --max-rows subsets
+tasks.py        the data pack on disk: task.json, splits, seeded --max-rows subsets, the --max-text-tokens cut
 mteb_tasks.py   local tasks as in-memory mteb task objects (mteb computes every score)
 mteb_adapter.py KVEmbeddingMTEB: a kvembed embedder as an mteb encoder (query/document prompts)
 cache.py        on-disk embedding cache keyed by (fingerprint, prompt, text)

@@ -120,23 +120,6 @@ def cut_row(row: dict, cut) -> dict:
     return out
 
 
-class TextCap:
-    """Cut a text to its first `n` tokens (of the model's tokenizer, no special tokens), the same for every method,
-    so a long document costs at most n tokens plus the method's prompt; counts what it cut."""
-
-    def __init__(self, tokenizer, n: int):
-        self.tokenizer, self.n, self.cut = tokenizer, n, 0
-
-    def __call__(self, text: str) -> str:
-        if len(text) <= self.n:  # a token covers at least one character
-            return text
-        offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
-        if len(offsets) <= self.n:
-            return text
-        self.cut += 1
-        return text[: offsets[self.n - 1][1]]
-
-
 def _label_ids(*splits: list[dict]) -> dict:
     return {name: i for i, name in enumerate(sorted({str(r["label"]) for rows in splits for r in rows}))}
 
@@ -144,7 +127,7 @@ def _label_ids(*splits: list[dict]) -> dict:
 def build_task(spec: TaskSpec, split: str, max_rows: int | None = None, seed: int = 0, cut=None):
     """An mteb task object for `spec`, scored on `split`, with `max_rows` rows per split used.
 
-    `cut(text) -> text` (e.g. `TextCap`) shortens every text the same way for every method, before any prompt."""
+    `cut(text) -> text` (e.g. `tasks.TextCap`) shortens every text the same way for every method, before any prompt."""
     cut = cut or (lambda t: t)
     if spec.type == "retrieval":
         if split != "test":

@@ -20,8 +20,8 @@ from pathlib import Path
 from .cache import EmbeddingCache
 from .mteb_adapter import KVEmbeddingMTEB, describe
 from .intervals import SIMILARITIES, interval
-from .mteb_tasks import TextCap, build_task
-from .tasks import TaskSpec, default_data_dir
+from .mteb_tasks import build_task
+from .tasks import TaskSpec, TextCap, default_data_dir
 
 log = logging.getLogger(__name__)
 

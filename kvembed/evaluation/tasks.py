@@ -203,3 +203,20 @@ def load_retrieval(spec: TaskSpec, max_rows: int | None = None, seed: int = 0) -
     queries = [queries[i] for i in sample_indices(len(queries), max_rows, seed)]
     kept = {q["id"] for q in queries}
     return corpus, queries, [r for r in qrels if r["query_id"] in kept]
+
+
+class TextCap:
+    """Cut a text to its first `n` tokens (of the model's tokenizer, no special tokens), the same for every method,
+    so a long document costs at most n tokens plus the method's prompt; counts what it cut."""
+
+    def __init__(self, tokenizer, n: int):
+        self.tokenizer, self.n, self.cut = tokenizer, n, 0
+
+    def __call__(self, text: str) -> str:
+        if len(text) <= self.n:  # a token covers at least one character
+            return text
+        offsets = self.tokenizer.encode(text, add_special_tokens=False).offsets
+        if len(offsets) <= self.n:
+            return text
+        self.cut += 1
+        return text[: offsets[self.n - 1][1]]
