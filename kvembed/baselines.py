@@ -17,6 +17,7 @@ PromptEOL, MetaEOL and Token Prepending clean the text up first, as their refere
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -362,19 +363,14 @@ class TokenPrepending(Cleaned):
         return pool(hidden, batch.attention_mask, self.pooling, self._normalize(normalize), batch.span)
 
 
-_PLACEHOLDER_TOKENIZERS: dict[int, tuple[object, object, int]] = {}
-
-
+@functools.cache  # per tokenizer object: tokenizers.Tokenizer hashes and compares by identity
 def with_placeholder(tokenizer):
     """A copy of the tokenizer with <PST> added (made once per tokenizer) and <PST>'s id in it."""
-    key = id(tokenizer)
-    if key not in _PLACEHOLDER_TOKENIZERS or _PLACEHOLDER_TOKENIZERS[key][0] is not tokenizer:
-        from tokenizers import Tokenizer
+    from tokenizers import Tokenizer
 
-        tok = Tokenizer.from_str(tokenizer.to_str())
-        tok.add_tokens([PST])
-        _PLACEHOLDER_TOKENIZERS[key] = (tokenizer, tok, tok.token_to_id(PST))
-    return _PLACEHOLDER_TOKENIZERS[key][1:]
+    tok = Tokenizer.from_str(tokenizer.to_str())
+    tok.add_tokens([PST])
+    return tok, tok.token_to_id(PST)
 
 
 BASELINES: dict[str, type] = {

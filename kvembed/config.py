@@ -62,11 +62,6 @@ class ModelArgs:
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
 
-    @property
-    def n_rep(self) -> int:
-        """How many query heads share one key/value head."""
-        return self.num_attention_heads // self.num_key_value_heads
-
     @classmethod
     def from_hf_config(cls, cfg: dict[str, Any]) -> "ModelArgs":
         model_type = cfg.get("model_type")

@@ -23,6 +23,7 @@ import threading
 import time
 import warnings
 from collections.abc import Iterator, Mapping, Sequence, Set
+from functools import partial
 from itertools import islice
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from torch import Tensor
 
 from .baselines import METHODS
 from .method import collate, resolve_layers
-from .switches import SwitchError, check
+from .switches import SwitchError, check, check_int
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -233,10 +234,6 @@ class KVEmbedder:
         return hashlib.sha256(blob.encode()).hexdigest()[:24]
 
     @property
-    def max_length(self) -> int:
-        return self.max_seq_length
-
-    @property
     def max_seq_length(self) -> int:
         return self._max_seq_length
 
@@ -297,8 +294,7 @@ class KVEmbedder:
             raise ValueError(f"precision={precision!r}: choose one of {', '.join(PRECISIONS)}")
         if on_truncation not in ("warn", "raise", "ignore"):
             raise ValueError(f"on_truncation={on_truncation!r}: choose 'warn', 'raise' or 'ignore'")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"batch_size={batch_size!r} must be a positive integer")
+        check_int("batch_size", batch_size, minimum=1)
         if normalize_embeddings is not None and not isinstance(normalize_embeddings, bool):
             raise TypeError(f"normalize_embeddings={normalize_embeddings!r}: pass True, False or None")
         normalize = self.method.normalize if normalize_embeddings is None else normalize_embeddings
@@ -345,9 +341,7 @@ class KVEmbedder:
     def similarity(self, a, b):
         """(N, M) scores between two sets of embeddings by `similarity_fn_name` (distances are negated, so higher
         is closer, as sentence-transformers does); numpy in, numpy out; torch likewise."""
-        is_np = isinstance(a, np.ndarray)
-        ta, tb = (torch.atleast_2d(torch.as_tensor(np.asarray(x) if is_np else x)).float() for x in (a, b))
-        fn = check_similarity(self.similarity_fn_name)
+        fn, ta, tb, is_np = self._operands(a, b)
         if fn == "cosine":
             s = F.normalize(ta, dim=-1) @ F.normalize(tb, dim=-1).T
         elif fn == "dot":
@@ -358,9 +352,7 @@ class KVEmbedder:
 
     def similarity_pairwise(self, a, b):
         """(N,) scores between row i of a and row i of b."""
-        is_np = isinstance(a, np.ndarray)
-        ta, tb = (torch.atleast_2d(torch.as_tensor(np.asarray(x) if is_np else x)).float() for x in (a, b))
-        fn = check_similarity(self.similarity_fn_name)
+        fn, ta, tb, is_np = self._operands(a, b)
         if fn == "cosine":
             s = F.cosine_similarity(ta, tb, dim=-1)
         elif fn == "dot":
@@ -370,6 +362,12 @@ class KVEmbedder:
         return s.numpy() if is_np else s
 
     # ------------------------------------------------------------------------------ internals
+
+    def _operands(self, a, b):
+        """(the checked similarity_fn_name, a and b as 2-D float tensors, whether the scores go back as numpy)."""
+        is_np = isinstance(a, np.ndarray)
+        ta, tb = (torch.atleast_2d(torch.as_tensor(np.asarray(x) if is_np else x)).float() for x in (a, b))
+        return check_similarity(self.similarity_fn_name), ta, tb, is_np
 
     def _method_for(self, prompt_name: str | None, prompt: str | None):
         """The method object and prompt name this call runs: a per-call prompt is a new method, never a change."""
@@ -383,17 +381,11 @@ class KVEmbedder:
                              "prompts={...} or pass prompt=")
         return self.method.with_template(self.prompts[name]), None
 
-    def _collate(self, views):
-        pad_to = None
-        if self.compiled:
-            longest = max(len(v.ids) for v in views)
-            pad_to = next((b for b in BUCKETS if b >= longest), longest)
-        return collate(views, self.device, pad_to=pad_to)
-
     def _encode_all(self, it, method, prompt_name, batch_size, show_progress_bar):
         from tqdm.auto import tqdm
 
         chunk_size = batch_size * 32  # bounds memory for huge or endless inputs
+        collate_fn = partial(bucket_collate, device=self.device, compiled=self.compiled)
         results: list[Tensor] = []
         truncated: list[int] = []
         repaired: list[int] = []
@@ -420,7 +412,7 @@ class KVEmbedder:
             for b in range(0, len(order), batch_size):
                 idx = order[b:b + batch_size]
                 with torch.inference_mode():
-                    e = method.embed(self._forward_model, [views[i] for i in idx], self._collate, normalize=False)
+                    e = method.embed(self._forward_model, [views[i] for i in idx], collate_fn, normalize=False)
                 e = e.float().cpu()
                 bad = ~torch.isfinite(e).all(-1)
                 if bad.any():
@@ -437,6 +429,15 @@ class KVEmbedder:
         if not results:
             return torch.empty(0, self.args.hidden_size), truncated, repaired
         return torch.cat(results), truncated, repaired
+
+
+def bucket_collate(views, device, compiled: bool):
+    """`collate` on `device`; under torch.compile, padded up to the next of BUCKETS (a bounded set of graphs)."""
+    pad_to = None
+    if compiled:
+        longest = max(len(v.ids) for v in views)
+        pad_to = next((b for b in BUCKETS if b >= longest), longest)
+    return collate(views, device, pad_to=pad_to)
 
 
 def template_of(prompt: str) -> str:

@@ -57,7 +57,7 @@ def golden_tensors(embedder, texts=GOLDEN_TEXTS, prompt_name: str | None = None)
         raise ValueError(f"golden vectors are defined for kvembedding, not {method.name!r}")
     if method.passes != 1:
         raise ValueError("golden vectors are written for passes=1 (the default)")
-    views = [method.prepare(embedder.tokenizer, t, prompt_name, embedder.max_length)[0] for t in texts]
+    views = [method.prepare(embedder.tokenizer, t, prompt_name, embedder.max_seq_length)[0] for t in texts]
     batch = collate([v.ids for v in views], embedder.device)
     model = embedder.model
     plan = RecordingReRouting(frozenset(method.layers), method.bias, method.rope_mode, batch.last)
@@ -96,7 +96,7 @@ def write_golden(embedder, outdir, texts=GOLDEN_TEXTS) -> Path:
         "model_path": str(embedder.loaded.path),
         "config": embedder.args.to_dict(),
         "method": embedder.method.config(),
-        "max_length": embedder.max_length,
+        "max_length": embedder.max_seq_length,
         "dtype": str(embedder.dtype),
         "torch": torch.__version__,
         "python": platform.python_version(),

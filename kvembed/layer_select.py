@@ -98,39 +98,29 @@ def twonn(points: np.ndarray) -> float:
     return float(log_mu @ y / denom)
 
 
-def id_curve(points_per_layer: np.ndarray | Sequence[np.ndarray]) -> list[float]:
-    """TwoNN of every layer: `points_per_layer` is (N, L, C) as `collect_final_token_states` returns, or a
-    sequence of L arrays (N, C)."""
-    if isinstance(points_per_layer, np.ndarray):
-        if points_per_layer.ndim != 3:
-            raise ValueError(f"id_curve: expected an (N, L, C) array, got shape {points_per_layer.shape}")
-        layers = [points_per_layer[:, l] for l in range(points_per_layer.shape[1])]
-    else:
-        layers = list(points_per_layer)
-    return [twonn(p) for p in layers]
+def id_curve(states: np.ndarray) -> list[float]:
+    """TwoNN of every layer: `states` is (N, L, C) as `collect_final_token_states` returns."""
+    if states.ndim != 3:
+        raise ValueError(f"id_curve: expected an (N, L, C) array, got shape {states.shape}")
+    return [twonn(states[:, l]) for l in range(states.shape[1])]
 
 
 # ------------------------------------------------------------------------------------------ the window
 
 
 def window_rule(ids: Sequence[float], n_layers: int) -> tuple[int, int, list[int]]:
-    """(skip, m, layers) of SPEC §1.4; `select_window` returns only the layers."""
+    """(skip, m, layers) of SPEC §1.4, as in the module docstring: the selected layers are the third."""
     if len(ids) != n_layers or n_layers < 1:
-        raise ValueError(f"select_window: got {len(ids)} ids for n_layers={n_layers}; need one ID per layer")
+        raise ValueError(f"window_rule: got {len(ids)} ids for n_layers={n_layers}; need one ID per layer")
     ids = np.asarray(ids, dtype=np.float64)
     skip = int(SKIP_FRACTION * n_layers + 1e-9)  # floor(0.2 L); the epsilon guards 0.2*L just under an integer
     rest = ids[skip:]
     if not np.all(np.isfinite(rest)):
         bad = [skip + int(i) for i in np.flatnonzero(~np.isfinite(rest))]
-        raise ValueError(f"select_window: ID of layer(s) {bad} is not finite; cannot pick a minimum")
+        raise ValueError(f"window_rule: ID of layer(s) {bad} is not finite; cannot pick a minimum")
     m = skip + int(np.argmin(rest))  # np.argmin returns the first of equal minima
     width = max(1, n_layers // 10)
     return skip, m, list(range(m, min(n_layers - 1, m + width) + 1))
-
-
-def select_window(ids: Sequence[float], n_layers: int) -> list[int]:
-    """The selected layers: m .. min(L-1, m + max(1, floor(L/10))), m = argmin of ids after skipping floor(0.2 L)."""
-    return window_rule(ids, n_layers)[2]
 
 
 # ------------------------------------------------------------------------------------- model states

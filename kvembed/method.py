@@ -18,6 +18,7 @@ padded views into vectors (`embed`), so that all methods share one batcher, one 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -62,16 +63,11 @@ class Encoded:
     span: tuple[int, int] = (0, 0)
 
 
+@functools.cache  # per tokenizer object: tokenizers.Tokenizer hashes and compares by identity
 def longest_token(tokenizer) -> int:
     """An upper bound on the characters one token covers: its vocabulary string's length (byte-level BPE spells
     each byte as one character, so this bounds UTF-8 characters too). Memoised per tokenizer."""
-    key = id(tokenizer)
-    if key not in _LONGEST or _LONGEST[key][0] is not tokenizer:
-        _LONGEST[key] = (tokenizer, max(map(len, tokenizer.get_vocab(with_added_tokens=True))))
-    return _LONGEST[key][1]
-
-
-_LONGEST: dict[int, tuple[object, int]] = {}
+    return max(map(len, tokenizer.get_vocab(with_added_tokens=True)))
 
 
 def encode_text(tokenizer, text: str, template: str, max_length: int | None) -> Encoded:
@@ -373,11 +369,9 @@ class Templated(Method):
     def with_template(self, template: str) -> "Templated":
         return dataclasses.replace(self, template=template, query_template=template)
 
-    def template_for(self, prompt_name: str | None) -> str:
-        return self.query_template if prompt_name == "query" else self.template
-
     def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
-        return [encode_text(tokenizer, text, self.template_for(prompt_name), max_length)]
+        template = self.query_template if prompt_name == "query" else self.template
+        return [encode_text(tokenizer, text, template, max_length)]
 
 
 def set_field(obj, name: str, value) -> None:

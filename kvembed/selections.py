@@ -30,13 +30,10 @@ class CorpusError(ValueError):
     """The corpus for layer selection is missing or unreadable."""
 
 
-def shipped_selections() -> list[LayerSelection]:
-    return [LayerSelection.from_dict(json.loads(p.read_text())) for p in sorted(SHIPPED_DIR.glob("*_layers.json"))]
-
-
 def shipped_selection(fingerprint: str) -> LayerSelection | None:
     """The selection shipped for these weights (by fingerprint), or None."""
-    return next((s for s in shipped_selections() if s.fingerprint == fingerprint), None)
+    shipped = [LayerSelection.from_dict(json.loads(p.read_text())) for p in sorted(SHIPPED_DIR.glob("*_layers.json"))]
+    return next((s for s in shipped if s.fingerprint == fingerprint), None)
 
 
 def cache_key(fingerprint: str, corpus_sha: str, n_texts: int, seed: int, template: str, max_length: int) -> str:
@@ -88,7 +85,7 @@ def read_corpus(path: str | os.PathLike) -> list[str]:
     return read_texts(path, "text", hint="fix the corpus file").texts
 
 
-def auto_layers(loaded, id_corpus=None, *, verbose: bool = True) -> list[int]:
+def auto_layers(loaded, id_corpus=None) -> list[int]:
     """SPEC §1.4 for a loaded model: the shipped selection, else the cached or computed TwoNN selection."""
     sel = shipped_selection(loaded.fingerprint)
     if sel is None:
@@ -100,6 +97,5 @@ def auto_layers(loaded, id_corpus=None, *, verbose: bool = True) -> list[int]:
                 "text file), set KVEMBED_ID_CORPUS, or give explicit layers=[...]"
             )
         sel = cached_selection(loaded.model, loaded.tokenizer, read_corpus(corpus), fingerprint=loaded.fingerprint)
-        if verbose:
-            print(format_curve(sel), file=sys.stderr)
+        print(format_curve(sel), file=sys.stderr)
     return list(sel.layers)

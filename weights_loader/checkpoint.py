@@ -162,21 +162,13 @@ def cast_weight(t: torch.Tensor, dtype: torch.dtype | None, path: Path, key: str
     return t if dtype is None or t.dtype == dtype else t.to(dtype)
 
 
-class _open:
-    """safe_open, with safetensors' own errors re-raised as CorruptFileError naming the file (and key)."""
-
-    def __init__(self, path: Path):
-        self.path = path
-
-    def __enter__(self):
-        try:
-            self._cm = safe_open(str(self.path), framework="pt")
-            return self._cm.__enter__()
-        except Exception as e:
-            raise _corrupt(self.path, e) from e
-
-    def __exit__(self, *exc):
-        return self._cm.__exit__(*exc)
+def _open(path: Path):
+    """safe_open (a context manager whose __enter__ returns itself), with safetensors' own errors re-raised as
+    CorruptFileError naming the file (and key)."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except Exception as e:
+        raise _corrupt(path, e) from e
 
 
 def _get(f, path: Path, key: str) -> torch.Tensor:

@@ -59,7 +59,7 @@ def load_gguf(path, *, keep_lm_head: bool = True) -> tuple[dict, dict[str, torch
     """
     path = Path(path)
     reader = _open(path)
-    meta = gguf_metadata(reader)
+    meta = {k: f.contents() for k, f in reader.fields.items()}  # GGUF key -> str, int, float, bool or a list
     config = gguf_config(meta, [t.name for t in reader.tensors], path)
     tensors = {}
     for t in reader.tensors:
@@ -82,11 +82,6 @@ def _open(path: Path) -> GGUFReader:
         return GGUFReader(path)
     except Exception as e:  # the gguf package raises ValueError/struct errors on a truncated or foreign file
         raise CorruptFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-convert it") from e
-
-
-def gguf_metadata(reader: GGUFReader) -> dict:
-    """GGUF key -> Python value (str, int, float, bool, or a list of them)."""
-    return {k: f.contents() for k, f in reader.fields.items()}
 
 
 def hf_tensor_name(gguf_name: str, path: Path | str = "<gguf>") -> str | None:

@@ -34,6 +34,8 @@ from .checkpoint import (
 )
 from .errors import CheckpointMismatchError, InvalidConfigError, WeightsError
 from .hub import resolve_model_path
+from .model_cache import named_model_path
+from .named_models import SMOLLM2
 
 # How checkpoint keys become Decoder keys. *ForCausalLM checkpoints put the decoder under "model."; bare
 # *Model checkpoints do not, and load as is. lm_head is never used for embeddings (tied models do not even
@@ -81,9 +83,7 @@ def load_model(
             f"load_model: dtype={dtype!r} is not supported; use torch.float32, torch.bfloat16 or torch.float16"
         )
     if name_or_path is None:
-        from .default_model import default_model_path  # lazy: fetching the default model is its own module
-
-        path = Path(default_model_path())
+        path = named_model_path(SMOLLM2)
     else:
         path = resolve_model_path(name_or_path, revision, cache_dir=cache_dir)
 
@@ -93,19 +93,17 @@ def load_model(
         config, state, tokenizer = load_gguf(path)
         state = {k: cast_weight(v, dtype, path, k) for k, v in state.items()}
         sources = dict.fromkeys(state, path)
-        config_where = f"{path} (GGUF metadata)"
         fp = fingerprint([path], path.parent)
+        args = _model_args(config, f"{path} (GGUF metadata)")
     else:
         config = read_config(path)
-        config_where = str(path / CONFIG_FILE)
         # Parse the config before reading gigabytes of weights, so a bad config fails fast.
-        _model_args(config, config_where)
+        args = _model_args(config, str(path / CONFIG_FILE))
         sources = weight_map(path)
         state = read_safetensors(path, dtype)
         tokenizer = read_tokenizer(path)
         fp = fingerprint(model_files(path), path)
 
-    args = _model_args(config, config_where)
     model = build_decoder(args, state, sources, where=str(path))  # config vs weights first: the deeper mismatch
     check_vocabulary(tokenizer, args, path)
     model = model.to(device).eval().requires_grad_(False)

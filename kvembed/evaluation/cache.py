@@ -64,9 +64,7 @@ class EmbeddingCache:
             [(fingerprint, prompt, text_key(t), v.tobytes()) for t, v in zip(texts, vectors)])
         self._db.commit()
 
-    def count(self, fingerprint: str | None = None) -> int:
-        if fingerprint is None:
-            return self._db.execute("SELECT COUNT(*) FROM emb").fetchone()[0]
+    def count(self, fingerprint: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM emb WHERE fingerprint = ?", (fingerprint,)).fetchone()[0]
 
     def close(self) -> None:
@@ -102,8 +100,7 @@ class CachedEncoder:
         missing = sorted({t for t in texts if text_key(t) not in have}, key=len, reverse=True)
         if missing:
             have.update(self._compute(missing, prompt_name, desc, batch_size or self.batch_size))
-        out = np.stack([have[text_key(t)] for t in texts])  # (N, dim)
-        return out
+        return np.stack([have[text_key(t)] for t in texts])  # (N, dim)
 
     def _compute(self, texts: list[str], prompt_name: str | None, desc: str, batch_size: int) -> dict[bytes, np.ndarray]:
         from tqdm.auto import tqdm

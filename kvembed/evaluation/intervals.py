@@ -42,10 +42,6 @@ class Interval:
     lo: float
     hi: float
 
-    @property
-    def half_width(self) -> float:
-        return (self.hi - self.lo) / 2
-
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
 

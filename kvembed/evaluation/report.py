@@ -15,7 +15,7 @@ import json
 import platform
 from pathlib import Path
 
-from .intervals import paired_interval
+from .intervals import Interval, paired_interval
 from .runners import MethodRun, Table, type_averages
 from .tasks import TASK_TYPES
 
@@ -81,16 +81,11 @@ def paired_rows(table: Table, tasks) -> list[dict]:
 def _diff(iv: dict | None) -> str:
     if not iv:
         return "-"
-    mark = " **\\***" if iv["lo"] > 0 or iv["hi"] < 0 else ""
+    mark = " **\\***" if Interval(**iv).excludes_zero() else ""
     return f"{100 * iv['point']:+.2f} [{100 * iv['lo']:+.2f}, {100 * iv['hi']:+.2f}]{mark}"
 
 
-def render_markdown(table: Table, meta: dict, paired: list[dict]) -> str:
-    tasks = []
-    for run in table.runs:
-        for r in run.results:
-            if (r.task, r.type, r.main_score) not in tasks:
-                tasks.append((r.task, r.type, r.main_score))
+def render_markdown(table: Table, meta: dict, tasks: list[tuple[str, str, str]], paired: list[dict]) -> str:
     types = [t for t in TASK_TYPES if any(tt == t for _, tt, _ in tasks)]
     title = "Ablations (validation splits only)" if table.kind == "ablations" else "Evaluation"
     lines = [f"# kvembed {title}, MTEB 2.x protocol", ""]
@@ -152,7 +147,7 @@ def write_report(table: Table, out_dir: Path | str, name: str) -> tuple[Path, Pa
     data = {**table.to_json(), **meta, "paired": paired,
             "averages": {run.label: type_averages(run) for run in table.runs}}
     md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
-    md.write_text(render_markdown(table, meta, paired), encoding="utf-8")
+    md.write_text(render_markdown(table, meta, tasks, paired), encoding="utf-8")
     js.write_text(json.dumps(data, default=str) + "\n", encoding="utf-8")  # per-row lists: compact
     return md, js
 

@@ -55,9 +55,6 @@ class MethodRun:
     results: list
     wall_s: float = 0.0
 
-    def score(self, task: str) -> float | None:
-        return next((r.score for r in self.results if r.task == task), None)
-
 
 @dataclass
 class Table:

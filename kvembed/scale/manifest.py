@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from kvembed.files import atomic_write, sha256_bytes, sha256_file
-from kvembed.scale.parts import json_bytes, load_part, n_parts, part_range, read_record
+from kvembed.files import atomic_write, sha256_bytes, sha256_file, tmp_name
+from kvembed.scale.parts import finished_record, json_bytes, load_part, n_parts, part_range
 
 FORMAT = "kvembed-corpus/1"
 # Fields of run.json that must match for a rerun to reuse parts. The rest ("method" as typed on the
@@ -60,13 +60,13 @@ def assemble(outdir: Path, config: dict, n_rows: int) -> dict:
     Raises OutdirError naming the first part that is missing or does not verify."""
     key, size, dim = run_key(config), config["part_size"], config["dim"]
     records, all_ids = [], []
-    tmp = outdir / f"embeddings.npy.tmp-{os.getpid()}"
+    tmp = tmp_name(outdir / "embeddings.npy")
     # open_memmap writes the .npy header and maps the body: parts are copied in without holding N x dim.
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32, shape=(n_rows, dim))
     for k in range(n_parts(n_rows, size)):
         start, end = part_range(k, size, n_rows)
-        rec = read_record(outdir, k)
-        if not rec or rec.get("run_key") != key or (rec.get("start"), rec.get("end")) != (start, end):
+        rec = finished_record(outdir, k, start, end, key, verify=False)  # load_part checks the sha256 itself
+        if rec is None:
             raise OutdirError(f"{outdir}: part {k} (rows {start}..{end - 1}) is not finished; rerun to compute it")
         matrix, ids = load_part(outdir, rec)
         if matrix.shape != (end - start, dim) or len(ids) != end - start:
