@@ -87,7 +87,6 @@ class Prompted(Templated):
     """A template, one forward pass, `method.pool`: mean, last, prompteol, bidirectional."""
 
     CAUSAL: ClassVar[bool] = True
-    POOLINGS: ClassVar[tuple[str, ...]] = ("hybrid", "mean", "last", "text")
 
     pooling: str = "last"
 
@@ -116,7 +115,6 @@ class Mean(Prompted):
 @dataclass(frozen=True)
 class Last(Prompted):
     name: ClassVar[str] = "last"
-    pooling: str = "last"
 
 
 # Jiang et al. 2023 (PromptEOL); the open quote at the end is part of their prompt: the next token would be
@@ -255,11 +253,10 @@ class Echo(Templated):
     def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
         batch = collate_fn([v[0] for v in views])
         h = shared_forward(model, batch.input_ids, batch.attention_mask)  # (B, T, C)
-        if self.pooling == "last":  # the copy's final token, not the prompt's
-            e = h[torch.arange(len(views), device=h.device), batch.span[:, 1] - 1].float()  # (B, C)
-        else:
-            e = pool(h, batch.attention_mask, "text", False, batch.span)
-        return torch.nn.functional.normalize(e, dim=-1) if self._normalize(normalize) else e
+        span = batch.span  # (B, 2)
+        if self.pooling == "last":  # the copy's final token, not the prompt's: a span of one token
+            span = torch.stack((span[:, 1] - 1, span[:, 1]), dim=-1)
+        return pool(h, batch.attention_mask, "text", self._normalize(normalize), span)
 
 
 # ---------------------------------------------------------------------------------- Token Prepending

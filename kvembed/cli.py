@@ -37,7 +37,7 @@ class InputError(ValueError):
 # ------------------------------------------------------------------------------------------- embed
 
 
-def check_output(path: str, inputs: list[str]) -> Path:
+def check_output(path: str, src: str | None) -> Path:
     """Refuse, before any embedding, an output that cannot be written or would overwrite an input."""
     p = Path(path)
     if p.suffix.lower() not in OUTPUT_SUFFIXES:
@@ -48,10 +48,9 @@ def check_output(path: str, inputs: list[str]) -> Path:
         raise InputError(f"output folder {p.parent} is not writable; choose another --output")
     if p.is_dir():
         raise InputError(f"--output {path} is a folder; give a file name ending in .npy or .jsonl")
-    for src in inputs:
-        if p.exists() and Path(src).exists() and p.resolve() == Path(src).resolve():
-            raise InputError(f"--output {path} is the input file: writing it would destroy the input; "
-                             "choose another output name")
+    if src and p.exists() and Path(src).exists() and p.resolve() == Path(src).resolve():
+        raise InputError(f"--output {path} is the input file: writing it would destroy the input; "
+                         "choose another output name")
     return p
 
 
@@ -101,7 +100,7 @@ def run_embed(args) -> int:
         texts, lines, ids = texts + got.texts, lines + got.lines, ids + got.ids
     if not texts:
         raise InputError("nothing to embed: give texts as arguments or --input FILE")
-    out = check_output(args.output, [args.input] if args.input else []) if args.output else None
+    out = check_output(args.output, args.input) if args.output else None
     emb = embedder_from_args(args)
     vectors = emb.encode(texts, prompt_name=args.prompt_name, batch_size=args.batch_size,
                          show_progress_bar=args.progress or None, on_truncation=args.on_truncation)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 import re
 
-from .switches import SWITCHES, SwitchError, parse
+from .switches import ALL_METHODS, SWITCHES, SwitchError, parse
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 NAMED_MODELS_HELP = "local folder, hub id, .gguf file, or a named model (smollm2-135m, qwen2.5-coder-0.5b)"
@@ -53,8 +53,7 @@ def add_model_options(p: argparse.ArgumentParser, *, device: str = "cpu") -> Non
     g = p.add_argument_group("model and method")
     g.add_argument("--model", default=None, help=NAMED_MODELS_HELP + " (default: smollm2-135m)")
     g.add_argument("--method", default="kvembedding",
-                   help="kvembedding (default) or a baseline: mean, last, prompteol, metaeol, echo, "
-                        "token_prepending, bidirectional")
+                   help=f"kvembedding (default) or a baseline: {', '.join(ALL_METHODS[1:])}")
     g.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     g.add_argument("--device", default=device, help=f"cpu, cuda, cuda:N (default {device})")
     g.add_argument("--max-length", type=positive_int, default=None,

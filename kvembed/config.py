@@ -7,18 +7,20 @@ not use are dropped; keys that would change the computation in a way we do not i
 from __future__ import annotations
 
 import dataclasses
-from dataclasses import dataclass
 from typing import Any
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# The keys each RoPE scaling type reads ("default" is no scaling at all).
+ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
+                     "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
+SUPPORTED_ROPE_TYPES = tuple(ROPE_SCALING_KEYS)
 
 
 class ConfigError(ValueError):
     """config.json is missing a key, has a contradictory one, or asks for something we do not implement."""
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class ModelArgs:
     # Architecture family: decides q/k/v bias (qwen2) and per-head q/k RMSNorm (qwen3).
     model_type: str
@@ -71,19 +73,18 @@ class ModelArgs:
                 f"supported model types are {', '.join(SUPPORTED_MODEL_TYPES)}"
             )
 
-        def need(key: str) -> Any:
-            if cfg.get(key) is None:
+        def positive(key: str, value: Any = None) -> int:
+            """`value`, or else the required cfg[key], as a positive int."""
+            value = cfg.get(key) if value is None else value
+            if value is None:
                 raise ConfigError(f"config.json ({model_type}): required key {key!r} is missing")
-            return cfg[key]
-
-        def positive(key: str, value) -> int:
             n = _as(int, key, value)
             if n <= 0:
                 raise ConfigError(f"config.json: {key}={value!r} must be a positive integer")
             return n
 
-        hidden_size = positive("hidden_size", need("hidden_size"))
-        n_heads = positive("num_attention_heads", need("num_attention_heads"))
+        hidden_size = positive("hidden_size")
+        n_heads = positive("num_attention_heads")
         # Llama-1/2 era configs omit num_key_value_heads: that means plain multi-head attention.
         n_kv = positive("num_key_value_heads", cfg.get("num_key_value_heads") or n_heads)
         if n_heads % n_kv:
@@ -91,15 +92,12 @@ class ModelArgs:
                 f"config.json: num_attention_heads={n_heads} is not a multiple of num_key_value_heads={n_kv}"
             )
         # head_dim is read, never derived, when present (Qwen3-0.6B: 1024 wide, 16 heads, head_dim 128).
-        head_dim = cfg.get("head_dim")
-        if head_dim is None:
-            if hidden_size % n_heads:
-                raise ConfigError(
-                    f"config.json: no head_dim and hidden_size={hidden_size} is not divisible by "
-                    f"num_attention_heads={n_heads}"
-                )
-            head_dim = hidden_size // n_heads
-        head_dim = positive("head_dim", head_dim)
+        if cfg.get("head_dim") is None and hidden_size % n_heads:
+            raise ConfigError(
+                f"config.json: no head_dim and hidden_size={hidden_size} is not divisible by "
+                f"num_attention_heads={n_heads}"
+            )
+        head_dim = positive("head_dim") if cfg.get("head_dim") is not None else hidden_size // n_heads
         if head_dim % 2:
             raise ConfigError(f"config.json: head_dim={head_dim} must be even for rotary embeddings")
 
@@ -108,15 +106,15 @@ class ModelArgs:
             raise ConfigError(f"config.json: hidden_act={act!r} is not supported (only 'silu')")
 
         rope_theta, rope_scaling = _fold_rope(cfg)
-        n_layers = positive("num_hidden_layers", need("num_hidden_layers"))
+        n_layers = positive("num_hidden_layers")
         sliding_window, layer_types = _fold_sliding_window(cfg, model_type, n_layers)
 
         attention_bias = bool(cfg.get("attention_bias") or False)
         return cls(
             model_type=model_type,
-            vocab_size=positive("vocab_size", need("vocab_size")),
+            vocab_size=positive("vocab_size"),
             hidden_size=hidden_size,
-            intermediate_size=positive("intermediate_size", need("intermediate_size")),
+            intermediate_size=positive("intermediate_size"),
             num_hidden_layers=n_layers,
             num_attention_heads=n_heads,
             num_key_value_heads=n_kv,
@@ -138,9 +136,7 @@ class ModelArgs:
         )
 
     def to_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["layer_types"] = list(self.layer_types)
-        return d
+        return {**dataclasses.asdict(self), "layer_types": list(self.layer_types)}
 
 
 def _as(kind, key: str, value):
@@ -155,18 +151,13 @@ def _as(kind, key: str, value):
 
 def _fold_rope(cfg: dict[str, Any]) -> tuple[float, dict | None]:
     """One place for the three spellings: legacy `rope_theta` + `rope_scaling`, and newer `rope_parameters`."""
-    params = cfg.get("rope_parameters")
-    scaling = cfg.get("rope_scaling")
-    if params is not None:
+    theta = cfg.get("rope_theta")
+    if cfg.get("rope_parameters") is not None:
         # transformers >= 5 writes {"rope_type", "rope_theta", <scaling keys>} in one dict.
-        params = dict(params)
-        theta = params.pop("rope_theta", cfg.get("rope_theta"))
-        scaling = params
+        scaling = dict(cfg["rope_parameters"])
+        theta = scaling.pop("rope_theta", theta)
     else:
-        theta = cfg.get("rope_theta")
-        scaling = dict(scaling) if scaling else None
-    if theta is None:
-        theta = 10000.0
+        scaling = dict(cfg["rope_scaling"]) if cfg.get("rope_scaling") else None
     if scaling is not None:
         # Old configs spell it "type"; "default" means no scaling at all.
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
@@ -175,40 +166,26 @@ def _fold_rope(cfg: dict[str, Any]) -> tuple[float, dict | None]:
                 f"config.json: rope_type={rope_type!r} is not supported; "
                 f"supported rope types are {', '.join(SUPPORTED_ROPE_TYPES)}"
             )
-        if rope_type == "default":
-            scaling = None
-        else:
-            need = ["factor"]
-            if rope_type == "llama3":
-                need += ["low_freq_factor", "high_freq_factor", "original_max_position_embeddings"]
-            missing = [k for k in need if scaling.get(k) is None]
-            if missing:
-                raise ConfigError(f"config.json: rope scaling {rope_type!r} is missing {', '.join(missing)}")
-            scaling = {"rope_type": rope_type, **{k: scaling[k] for k in need}}
-    return _as(float, "rope_theta", theta), scaling
+        need = ROPE_SCALING_KEYS[rope_type]
+        missing = [k for k in need if scaling.get(k) is None]
+        if missing:
+            raise ConfigError(f"config.json: rope scaling {rope_type!r} is missing {', '.join(missing)}")
+        scaling = {"rope_type": rope_type, **{k: scaling[k] for k in need}} if need else None
+    return _as(float, "rope_theta", 10000.0 if theta is None else theta), scaling
 
 
 def _fold_sliding_window(cfg: dict[str, Any], model_type: str, n_layers: int) -> tuple[int | None, tuple[str, ...]]:
     """Which layers attend through a sliding window, and how wide it is."""
     window = cfg.get("sliding_window")
-    if model_type == "llama":
-        # transformers' Llama has no sliding window and ignores the key (some converters write one): a llama
-        # config that carries it must not change what the model computes.
-        window = None
-    if model_type in ("qwen2", "qwen3"):
-        # Qwen configs carry a sliding_window value even when it is switched off.
-        if not cfg.get("use_sliding_window", False):
-            window = None
+    if model_type in ("qwen2", "qwen3") and not cfg.get("use_sliding_window", False):
+        window = None  # Qwen configs carry a sliding_window value even when it is switched off
     layer_types = cfg.get("layer_types")
     if layer_types is None:
-        if window is None:
-            layer_types = ["full_attention"] * n_layers
-        elif model_type in ("qwen2", "qwen3"):
+        first = n_layers if window is None else 0  # the first layer that slides: none without a window, else all
+        if window is not None and model_type in ("qwen2", "qwen3"):
             # transformers: layers at index >= max_window_layers slide.
             first = _as(int, "max_window_layers", cfg.get("max_window_layers", n_layers))
-            layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
-        else:
-            layer_types = ["sliding_attention"] * n_layers
+        layer_types = ["sliding_attention" if i >= first else "full_attention" for i in range(n_layers)]
     layer_types = tuple(layer_types)
     if len(layer_types) != n_layers:
         raise ConfigError(f"config.json: layer_types has {len(layer_types)} entries but num_hidden_layers={n_layers}")
@@ -216,9 +193,9 @@ def _fold_sliding_window(cfg: dict[str, Any], model_type: str, n_layers: int) ->
     if unknown:
         raise ConfigError(f"config.json: layer_types has unsupported entries {sorted(unknown)}")
     if model_type == "llama":
-        return None, ("full_attention",) * n_layers  # as transformers: layer_types cannot slide a llama either
+        # transformers' Llama has no sliding window and ignores sliding_window and layer_types (some converters
+        # write them): a llama config that carries them must not change what the model computes.
+        return None, ("full_attention",) * n_layers
     if "sliding_attention" in layer_types and window is None:
         raise ConfigError("config.json: layer_types asks for sliding_attention but sliding_window is not set")
-    if window is not None and "sliding_attention" not in layer_types:
-        window = None
-    return (_as(int, "sliding_window", window) if window is not None else None), layer_types
+    return (_as(int, "sliding_window", window) if "sliding_attention" in layer_types else None), layer_types

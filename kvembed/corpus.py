@@ -30,13 +30,12 @@ import torch
 import torch.distributed as dist
 
 from kvembed.cli_options import add_model_options, embedder_from_args, positive_int, switches_from_args
+from kvembed.encoder import TruncationWarning
 from kvembed.scale.inputs import read_rows, scan_jsonl
 from kvembed.scale.manifest import (FORMAT, OutdirError, assemble, check_or_claim, intact, load_corpus_embeddings,
                                    run_key)
 from kvembed.scale.parts import finished_record, json_bytes, n_parts, part_range, remove_stale_tmp, write_part
 from kvembed.scale.progress import Progress, fmt_seconds
-
-from kvembed.encoder import TruncationWarning
 
 __all__ = ["embed_corpus", "load_corpus_embeddings", "add_arguments", "run", "main"]
 
@@ -46,12 +45,8 @@ __all__ = ["embed_corpus", "load_corpus_embeddings", "add_arguments", "run", "ma
 
 
 def barrier() -> None:
-    if not dist.is_initialized():
-        return
-    if dist.get_backend() == "nccl":
-        dist.barrier(device_ids=[torch.cuda.current_device()])
-    else:
-        dist.barrier()
+    if dist.is_initialized():
+        dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
 
 
 def all_gather(obj) -> list:
@@ -205,8 +200,6 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
         matrix, cut = embed_part(embedder, texts, batch_size=batch_size, prompt_name=prompt_name,
                                  on_batch=progress.advance)
         write_part(outdir, k, start, ids, matrix, key, truncated=cut)
-        if rank == 0:
-            seen[k] = end - start
     embed_s = time.monotonic() - t_setup
     if todo:
         progress.advance(0, force=True)
@@ -223,10 +216,9 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
     manifest_path = outdir / "manifest.json"
     # A rerun that computed nothing over a committed, intact manifest of this run has nothing to assemble; the
     # final files are checked against their recorded sha256 first, so a damaged one is rebuilt from the parts.
-    already = (not any(r["parts_computed"] for r in ranks) and manifest_path.is_file()
-               and json.loads(manifest_path.read_text(encoding="utf-8")).get("run_key") == key
-               and intact(outdir))
-    if not already and manifest_path.is_file() and not any(r["parts_computed"] for r in ranks):
+    reuse = not any(r["parts_computed"] for r in ranks) and manifest_path.is_file()
+    already = reuse and json.loads(manifest_path.read_text(encoding="utf-8")).get("run_key") == key and intact(outdir)
+    if reuse and not already:
         say(f"[rank 0] {outdir}: embeddings.npy or ids.json does not match manifest.json; rebuilding them from the "
             "verified parts")
     manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if already else assemble(outdir, config, n_rows)
@@ -285,7 +277,8 @@ def run(args) -> int:
         # worker threads at interpreter exit (SIGABRT after "[done]"), failing a job that did all its work.
         barrier()
     finally:
-        shutdown()
+        if dist.is_initialized():  # on every exit path (success, error, Ctrl-C), while Python is fully alive
+            dist.destroy_process_group()
     if world > 1:
         leave_now(0)
     return 0
@@ -303,12 +296,6 @@ def leave_now(code: int) -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(code)
-
-
-def shutdown() -> None:
-    """Destroy the process group on every exit path (success, error, Ctrl-C), while Python is fully alive."""
-    if dist.is_initialized():
-        dist.destroy_process_group()
 
 
 def main(argv=None) -> int:

@@ -30,7 +30,6 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from torch import Tensor
 
 from .baselines import METHODS
 from .method import collate, resolve_layers
@@ -341,33 +340,28 @@ class KVEmbedder:
     def similarity(self, a, b):
         """(N, M) scores between two sets of embeddings by `similarity_fn_name` (distances are negated, so higher
         is closer, as sentence-transformers does); numpy in, numpy out; torch likewise."""
-        fn, ta, tb, is_np = self._operands(a, b)
-        if fn == "cosine":
-            s = F.normalize(ta, dim=-1) @ F.normalize(tb, dim=-1).T
-        elif fn == "dot":
-            s = ta @ tb.T
-        else:
-            s = -torch.cdist(ta, tb, p=2 if fn == "euclidean" else 1)
-        return s.numpy() if is_np else s
+        return self._scores(a, b, pairwise=False)
 
     def similarity_pairwise(self, a, b):
         """(N,) scores between row i of a and row i of b."""
-        fn, ta, tb, is_np = self._operands(a, b)
-        if fn == "cosine":
-            s = F.cosine_similarity(ta, tb, dim=-1)
-        elif fn == "dot":
-            s = (ta * tb).sum(-1)
-        else:
-            s = -(ta - tb).norm(p=2 if fn == "euclidean" else 1, dim=-1)
-        return s.numpy() if is_np else s
+        return self._scores(a, b, pairwise=True)
 
     # ------------------------------------------------------------------------------ internals
 
-    def _operands(self, a, b):
-        """(the checked similarity_fn_name, a and b as 2-D float tensors, whether the scores go back as numpy)."""
+    def _scores(self, a, b, pairwise: bool):
+        fn = self.similarity_fn_name
+        if fn not in SIMILARITIES:
+            raise ValueError(f"similarity_fn_name={fn!r}: choose one of {', '.join(SIMILARITIES)}")
         is_np = isinstance(a, np.ndarray)
         ta, tb = (torch.atleast_2d(torch.as_tensor(np.asarray(x) if is_np else x)).float() for x in (a, b))
-        return check_similarity(self.similarity_fn_name), ta, tb, is_np
+        if fn == "cosine":
+            s = F.cosine_similarity(ta, tb, dim=-1) if pairwise else F.normalize(ta, dim=-1) @ F.normalize(tb, dim=-1).T
+        elif fn == "dot":
+            s = (ta * tb).sum(-1) if pairwise else ta @ tb.T
+        else:
+            p = 2 if fn == "euclidean" else 1
+            s = -((ta - tb).norm(p=p, dim=-1) if pairwise else torch.cdist(ta, tb, p=p))
+        return s.numpy() if is_np else s
 
     def _method_for(self, prompt_name: str | None, prompt: str | None):
         """The method object and prompt name this call runs: a per-call prompt is a new method, never a change."""
@@ -386,7 +380,7 @@ class KVEmbedder:
 
         chunk_size = batch_size * 32  # bounds memory for huge or endless inputs
         collate_fn = partial(bucket_collate, device=self.device, compiled=self.compiled)
-        results: list[Tensor] = []
+        results = [torch.empty(0, self.args.hidden_size)]
         truncated: list[int] = []
         repaired: list[int] = []
         bar = None
@@ -426,8 +420,6 @@ class KVEmbedder:
             start += len(chunk)
         if bar is not None:
             bar.close()
-        if not results:
-            return torch.empty(0, self.args.hidden_size), truncated, repaired
         return torch.cat(results), truncated, repaired
 
 
@@ -445,12 +437,6 @@ def template_of(prompt: str) -> str:
     if not isinstance(prompt, str):
         raise TypeError(f"prompt={prompt!r}: a string")
     return prompt if "{text}" in prompt else prompt + "{text}"
-
-
-def check_similarity(name: str) -> str:
-    if name not in SIMILARITIES:
-        raise ValueError(f"similarity_fn_name={name!r}: choose one of {', '.join(SIMILARITIES)}")
-    return name
 
 
 def quantize(embeddings: np.ndarray, precision: str) -> np.ndarray:

@@ -102,8 +102,7 @@ def iter_lines(path: str | os.PathLike):
     """
     with open(path, "rb") as f:
         data = f.read()
-    if data.startswith(BOM.encode("utf-8")):
-        data = data[3:]
+    data = data.removeprefix(BOM.encode("utf-8"))
     # Split on \r\n, \r and \n only: str.splitlines would also split on \x0b, \x1c, U+2028 ... inside texts.
     lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
     if lines and lines[-1] == b"":
@@ -123,8 +122,6 @@ class Texts:
     lines: list[int] = field(default_factory=list)
     # (line number, reason) of unreadable lines left out under skip_bad
     skipped: list[tuple[int, str]] = field(default_factory=list)
-    # line numbers of blank JSON lines (no object, so no text)
-    blank: list[int] = field(default_factory=list)
     # each text's `id_field` value in JSON lines (None when absent, and for text files)
     ids: list = field(default_factory=list)
 
@@ -163,7 +160,6 @@ def read_texts(path: str | os.PathLike, field_name: str = "text", *, skip_bad: b
             if isinstance(line, UnicodeDecodeError):
                 raise ValueError(f"invalid UTF-8 ({line.reason} at byte {line.start})")
             if jsonl and not line.strip():
-                out.blank.append(n)
                 continue
             obj = parse_jsonl_line(line, field_name) if jsonl else {field_name: line}
         except ValueError as e:  # json.JSONDecodeError is a ValueError

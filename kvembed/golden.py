@@ -80,8 +80,7 @@ def golden_tensors(embedder, texts=GOLDEN_TEXTS, prompt_name: str | None = None)
     for l, (k, v) in enumerate(out.kv):
         t[f"layer{l}.k"], t[f"layer{l}.v"] = k, v
         t[f"layer{l}.hidden"] = out.layer_outputs[l]
-    t.update(plan.record)
-    t.update(out_t)
+    t.update(plan.record | out_t)
     return {k: (v.float() if v.is_floating_point() else v).cpu().contiguous() for k, v in t.items()}
 
 

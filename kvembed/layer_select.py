@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
@@ -80,9 +79,7 @@ def twonn(points: np.ndarray) -> float:
     # neighbours would see r1 = r2 and mu = 1 for *other* points too, biasing the fit upward.
     x = np.unique(x.astype(np.float64), axis=0)
     if len(x) < 3:
-        raise ValueError(
-            f"twonn: need at least 3 distinct points, got {len(x)}; use a larger or more varied corpus"
-        )
+        raise ValueError(f"twonn: need at least 3 distinct points, got {len(x)}; use a larger or more varied corpus")
     r1, r2 = nearest_two(x - x.mean(0))
     mu = np.sort(r2 / r1)
     n = len(mu)
@@ -91,10 +88,8 @@ def twonn(points: np.ndarray) -> float:
     y = -np.log1p(-np.arange(1, n_fit + 1) / n)
     denom = float(log_mu @ log_mu)
     if n_fit < 1 or denom == 0.0:
-        raise ValueError(
-            f"twonn: the fit is degenerate ({n} points after dropping duplicates, {n_fit} fitted, "
-            "all with mu = r2/r1 = 1); use more points"
-        )
+        raise ValueError(f"twonn: the fit is degenerate ({n} points after dropping duplicates, {n_fit} fitted, "
+                         "all with mu = r2/r1 = 1); use more points")
     return float(log_mu @ y / denom)
 
 
@@ -157,7 +152,7 @@ def collect_final_token_states(model, tokenizer, texts: Sequence[str], template:
 # ------------------------------------------------------------------------------------ the selection
 
 
-@dataclass(frozen=True)
+@dataclasses.dataclass(frozen=True)
 class LayerSelection:
     # Selected layers, ascending (0-based).
     layers: list[int]
@@ -209,12 +204,8 @@ def sample_texts(texts: Sequence[str], n: int, seed: int) -> list[str]:
 def select_layers(model, tokenizer, texts: Sequence[str], *, n: int = 1000, seed: int = 0,
                   template: str = DOCUMENT_TEMPLATE, fingerprint: str | None = None, batch_size: int = 32,
                   max_length: int = 512) -> LayerSelection:
-    """SPEC §1.4 on `texts`: sample N (seeded), run the plain model, TwoNN per layer, the window.
-
-    A pure function of (model, texts, n, seed, template, max_length); kvembed/selections.py caches it on disk.
-    """
+    """SPEC §1.4 on `texts`: sample N (seeded), run the plain model, TwoNN per layer, the window."""
     texts = list(texts)
-    check_template(template)
     if n < 3:
         raise ValueError(f"select_layers: n={n}; TwoNN needs at least 3 texts (SPEC default 1000)")
     if len(texts) < 3:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .model import QKV, Decoder, Intervention, Prefix, unapply_rope
+from .model import QKV, Decoder, Intervention, Prefix, apply_rope
 from .switches import POOLINGS, ROPE_MODES, SwitchError, check_choice
 
 # §1.1 The final token is asked to summarise the text instead of predicting the next word.
@@ -123,9 +123,7 @@ def text_span(offsets: list[tuple[int, int]], prompt: str, template: str) -> tup
     start_char = sum(len(p) for p in pieces[:-1]) + n * (copies - 1)
     end_char = start_char + n
     inside = [i for i, (a, b) in enumerate(offsets) if b > a and a < end_char and b > start_char]
-    if not inside:
-        return len(offsets) - 1, len(offsets)
-    return inside[0], inside[-1] + 1
+    return (inside[0], inside[-1] + 1) if inside else (len(offsets) - 1, len(offsets))
 
 
 @dataclass
@@ -146,19 +144,14 @@ def collate(seqs: list, device=None, pad_to: int | None = None, pad_id: int = 0)
     Right padding is the one padding kvembed uses: positions stay 0..T-1 in every row, and causal attention
     needs no mask for it (model.py). A row with no token at all cannot be pooled and is refused.
     """
-    ids = [s.ids if isinstance(s, Encoded) else list(s) for s in seqs]
+    ids = [list(s.ids if isinstance(s, Encoded) else s) for s in seqs]
     if any(len(s) == 0 for s in ids):
         raise ValueError("a token view is empty (the tokenizer produced no token): nothing to pool")
     T = max(pad_to or 0, max(map(len, ids)))
-    input_ids = torch.full((len(ids), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(ids), T), dtype=torch.long)
-    for i, s in enumerate(ids):
-        input_ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
-        mask[i, : len(s)] = 1
-    span = None
-    if seqs and isinstance(seqs[0], Encoded):
-        span = torch.tensor([s.span for s in seqs], dtype=torch.long).to(device)
-    return Batch(input_ids.to(device), mask.to(device), span)
+    input_ids = torch.tensor([s + [pad_id] * (T - len(s)) for s in ids], dtype=torch.long)  # (B, T)
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in ids], dtype=torch.long)  # (B, T)
+    span = torch.tensor([s.span for s in seqs], dtype=torch.long) if isinstance(seqs[0], Encoded) else None  # (B, 2)
+    return Batch(input_ids.to(device), mask.to(device), None if span is None else span.to(device))
 
 
 def tokenize_batch(tokenizer, texts: list[str], template: str, max_length: int | None, device=None) -> Batch:
@@ -206,11 +199,9 @@ class ReRouting(Intervention):
             k_rot, v = self.captured[layer]
             # Undo the rotation at last[b]: RoPE at position 0 is the identity, so this is the pre-RoPE key.
             cos, sin = qkv.cos[self.last][:, None, None], qkv.sin[self.last][:, None, None]  # (B, 1, 1, D)
-            k_pre = unapply_rope(k_rot, cos, sin)
-        if self.rope_mode == "rotated":
-            return Prefix(k_rot, v, self.bias)
-        if self.rope_mode == "position0":
-            return Prefix(k_pre, v, self.bias)
+            k_pre = apply_rope(k_rot, cos, -sin)  # R(-θ) is R(θ) with sin negated
+        if self.rope_mode != "unrotated":
+            return Prefix(k_rot if self.rope_mode == "rotated" else k_pre, v, self.bias)
         # unrotated: every row sees the slot at distance 0, i.e. logit q_pre[i] . k_pre / sqrt(D). No single key
         # gives that to all rotated queries, so the slot's key is zero and the logit comes from the pre-RoPE pair.
         return Prefix(torch.zeros_like(k_pre), v, self.bias, q2=qkv.q_pre, k2=k_pre)

@@ -42,10 +42,8 @@ class RMSNorm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         # The variance is taken in fp32 and the result cast back to x's dtype *before* the weight multiply,
         # exactly as transformers does: in bf16 the other order gives visibly different hidden states.
-        dtype = x.dtype
         x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x32.to(dtype)
+        return self.weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 # ---------------------------------------------------------------------------------------------- RoPE
@@ -81,11 +79,6 @@ def rope_cos_sin(inv_freq: Tensor, positions: Tensor) -> tuple[Tensor, Tensor]:
     return angles.cos(), angles.sin()
 
 
-def rotate_half(x: Tensor) -> Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
-
-
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     """Rotate x (..., T, D) by the angles in cos/sin (T, D) or broadcastable; computed in x's dtype like HF.
 
@@ -101,12 +94,6 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     second = x2 * c
     second += x1 * s
     return torch.cat((first, second), dim=-1)
-
-
-def unapply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """The inverse rotation: R(-θ) x. Used to bring a captured post-RoPE key back to position 0."""
-    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
-    return x * cos - rotate_half(x) * sin
 
 
 # ----------------------------------------------------------------------------------------- attention
@@ -195,7 +182,7 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
         real keys 0; with the scale passed explicitly, q' . k' * scale = q . k * scale + bias on the slot
         and q . k * scale elsewhere. `unrotated` adds D channels for q2 . k2 the same way;
       - the channels are padded with zeros (which add nothing to any dot product) to what the device's fused
-        kernels take (`slot_width`: D + 1 on the CPU, a multiple of 8 on CUDA), and v gets the same width so
+        kernels take (`WIDTH_ALIGN`: D + 1 on the CPU, a multiple of 8 on CUDA), and v gets the same width so
         one kernel serves q, k and v.
 
     `past` (pk, pv), each (1|B, Hkv, S, D): the post-RoPE keys and values of S earlier tokens that every row
@@ -215,38 +202,28 @@ def attention(q: Tensor, k: Tensor, v: Tensor, *, causal: bool = True, window: i
         k, v = with_past(k, v, past)  # (B, Hkv, S + T, D)
     if prefix is not None and prefix.bias == float("-inf"):
         prefix = None  # exp(-inf) = 0: the slot would get exactly zero weight
-    if prefix is None:
-        mask = visible(S + T, q.device, causal=causal, window=window, key_padding=key_padding)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                             scale=scale, enable_gqa=gqa)  # (B, Hq, S + T, D)
-        return out[:, :, S:] if S else out
-    q, k, v = with_slot(q, k, v, prefix, scale)  # (B, H, T + 1, E)
-    mask = visible(T, q.device, causal=causal, window=window, key_padding=key_padding, prefix=True)
+    P = int(prefix is not None)
+    if P:
+        q, k, v = with_slot(q, k, v, prefix, scale)  # (B, H, 1 + T, E)
+    mask = visible(S + T, q.device, causal=causal, window=window, key_padding=key_padding, prefix=bool(P))
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None, scale=scale,
-                                         enable_gqa=gqa)  # (B, Hq, T + 1, E)
-    return out[:, :, 1:, :D]
+                                         enable_gqa=gqa)  # (B, Hq, S + P + T, E), with S = 0 when P = 1
+    return out[:, :, S + P:, :D]
 
 
 # Head widths the fused kernels take: CUDA's flash and memory-efficient kernels want multiples of 8; the CPU flash
 # kernel takes any width, and every width from 65 to 72 costs it about the same (docs/performance.md), so D + 1.
-WIDTH_ALIGN = {"cuda": 8}
-CPU_WIDTH_ALIGN = 1
-
-
-def slot_width(D: int, extra: int, device) -> int:
-    """D + extra + the bias channel, rounded up to what the device's kernel takes."""
-    align = WIDTH_ALIGN.get(torch.device(device).type, CPU_WIDTH_ALIGN)
-    return -(-(D + extra + 1) // align) * align
+WIDTH_ALIGN = {"cuda": 8}  # other devices: 1
 
 
 def with_slot(q: Tensor, k: Tensor, v: Tensor, prefix: Prefix, scale: float) -> tuple[Tensor, Tensor, Tensor]:
     """q, k, v with the dummy row / slot 0 prepended and the bias (and q2 . k2) channels appended, width E."""
     D = q.shape[-1]
     extra = 0 if prefix.q2 is None else D
-    E = slot_width(D, extra, q.device)
+    align = WIDTH_ALIGN.get(q.device.type, 1)
+    E = -(-(D + extra + 1) // align) * align  # D + extra + the bias channel, rounded up to what the kernel takes
     if extra:
         q = torch.cat((q, prefix.q2.to(q.dtype)), dim=-1)  # (B, Hq, T, 2D)
-        k = F.pad(k, (0, extra))
     # One pad per tensor adds the zero channels on the right and the zero row 0 on top: (B, H, T + 1, E).
     qx, kx, vx = (F.pad(t, (0, E - t.shape[-1], 1, 0)) for t in (q, k, v))
     qx[..., D + extra] = 1.0  # every row's bias channel, the dummy row's included
@@ -338,9 +315,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         q_pre, k_pre = q.transpose(1, 2), k.transpose(1, 2)  # (B, H, T, D)
         q, k = apply_rope(q_pre, cos, sin), apply_rope(k_pre, cos, sin)
-        prefix = None
-        if intervention is not None:
-            prefix = intervention.prefix(layer, QKV(q_pre, k_pre, q, k, v, cos, sin))
+        prefix = None if intervention is None else intervention.prefix(layer, QKV(q_pre, k_pre, q, k, v, cos, sin))
         del q_pre, k_pre  # the prefix keeps what it needs: free the rest before the attention's own peak
         out = attention(q, k, v, prefix=prefix, past=past, **masks)  # (B, Hq, T, D)
         out = out.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, Hq*D)
@@ -440,8 +415,4 @@ class Decoder(nn.Module):
                 layer_outputs.append(h)
             if output_kv:
                 kv.append((k, v))
-        return DecoderOutput(
-            hidden=self.norm(h),
-            layer_outputs=layer_outputs if output_hidden_states else None,
-            kv=kv if output_kv else None,
-        )
+        return DecoderOutput(self.norm(h), layer_outputs if output_hidden_states else None, kv if output_kv else None)

@@ -51,9 +51,14 @@ def cached_selection(model, tokenizer, texts: Sequence[str], *, fingerprint: str
     n_texts = min(n, len(texts))
     sha = corpus_sha256(texts)
     path = folder / f"{cache_key(fingerprint, sha, n_texts, seed, template, max_length)}.json"
-    cached = _read_cached(path, fingerprint, sha, n_texts, seed)
-    if cached is not None:
-        return cached
+    if path.is_file():
+        try:
+            sel = LayerSelection.from_dict(json.loads(path.read_text()))
+        except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
+            print(f"kvembed: ignoring unreadable layer-selection cache {path} ({e}); recomputing", file=sys.stderr)
+        else:  # never return another model's layers (a key collision or a hand-edited file)
+            if (sel.fingerprint, sel.corpus_sha256, sel.n_texts, sel.seed) == (fingerprint, sha, n_texts, seed):
+                return sel
     sel = select_layers(model, tokenizer, texts, n=n, seed=seed, template=template, fingerprint=fingerprint,
                         batch_size=batch_size, max_length=max_length)
     try:
@@ -61,19 +66,6 @@ def cached_selection(model, tokenizer, texts: Sequence[str], *, fingerprint: str
         atomic_write(path, json.dumps(sel.to_dict(), indent=1), fsync=False)
     except OSError as e:  # a read-only cache loses only the memo
         print(f"kvembed: could not cache the layer selection in {path.parent} ({e.strerror or e})", file=sys.stderr)
-    return sel
-
-
-def _read_cached(path: Path, fingerprint: str, sha: str, n_texts: int, seed: int) -> LayerSelection | None:
-    if not path.is_file():
-        return None
-    try:
-        sel = LayerSelection.from_dict(json.loads(path.read_text()))
-    except (ValueError, TypeError) as e:  # JSONDecodeError is a ValueError
-        print(f"kvembed: ignoring unreadable layer-selection cache {path} ({e}); recomputing", file=sys.stderr)
-        return None
-    if (sel.fingerprint, sel.corpus_sha256, sel.n_texts, sel.seed) != (fingerprint, sha, n_texts, seed):
-        return None  # a key collision or a hand-edited file: never return another model's layers
     return sel
 
 
@@ -86,7 +78,6 @@ def read_corpus(path: str | os.PathLike) -> list[str]:
 
 
 def auto_layers(loaded, id_corpus=None) -> list[int]:
-    """SPEC §1.4 for a loaded model: the shipped selection, else the cached or computed TwoNN selection."""
     sel = shipped_selection(loaded.fingerprint)
     if sel is None:
         corpus = id_corpus or os.environ.get("KVEMBED_ID_CORPUS")

@@ -48,14 +48,6 @@ from .encoder import KVEmbedder, TruncationWarning, bucket_collate, repair_surro
 CONFIG_FILE = "kvembed_config.json"
 
 
-def method_switches(method) -> dict:
-    """Every switch of a method object as from_pretrained takes it (layers () is spelled "none")."""
-    out = {f.name: getattr(method, f.name) for f in dataclasses.fields(method)}
-    if "layers" in out:
-        out["layers"] = list(out["layers"]) or "none"
-    return out
-
-
 class KVEmbeddingModule(InputModule):
     """The first (and main) module of a kvembed SentenceTransformer: the frozen decoder, its tokenizer and one
     method (KV-Embedding or a baseline), with the method's `prepare` as `preprocess` and its `embed` as `forward`.
@@ -97,7 +89,11 @@ class KVEmbeddingModule(InputModule):
         return str(next(self.decoder.parameters()).dtype).removeprefix("torch.")
 
     def get_config_dict(self) -> dict[str, Any]:
-        return {"model": self.name_or_path, "method": self.method.name, "switches": method_switches(self.method),
+        # every switch of the method as from_pretrained takes it (layers () is spelled "none")
+        switches = {f.name: getattr(self.method, f.name) for f in dataclasses.fields(self.method)}
+        if "layers" in switches:
+            switches["layers"] = list(switches["layers"]) or "none"
+        return {"model": self.name_or_path, "method": self.method.name, "switches": switches,
                 "dtype": self.dtype_name, "max_seq_length": self.max_seq_length, "truncate_dim": self.truncate_dim,
                 "weights_fingerprint": self.weights_fingerprint}
 
@@ -121,8 +117,7 @@ class KVEmbeddingModule(InputModule):
             for i, t in enumerate(inputs):
                 if not isinstance(t, str):
                     raise ValueError(f"inputs[{i}] is {type(t).__name__}, not str: kvembed embeds text only")
-                fixed = repair_surrogates(t)  # as KVEmbedder.encode, so both give the same vector
-                texts.append(t if fixed is None else fixed)
+                texts.append(repair_surrogates(t) or t)  # as KVEmbedder.encode, so both give the same vector
             if prompt:  # "" is sentence-transformers' "no prompt" (what it fills in for a prompt never set)
                 method, name = self.method.with_template(template_of(prompt)), None
             else:
@@ -138,10 +133,9 @@ class KVEmbeddingModule(InputModule):
         return {"views": views, "method": method}
 
     def forward(self, features: dict[str, Any], **kwargs) -> dict[str, Any]:
-        views = features["views"]
         method = features.get("method", self.method)
         collate_fn = partial(bucket_collate, device=next(self.decoder.parameters()).device, compiled=self.compiled)
-        e = method.embed(self._forward_model(), views, collate_fn, normalize=False).float()  # (B, C)
+        e = method.embed(self._forward_model(), features["views"], collate_fn, normalize=False).float()  # (B, C)
         if self.truncate_dim:
             e = e[:, :self.truncate_dim]
         bad = ~torch.isfinite(e).all(-1)

@@ -97,9 +97,7 @@ def check_template(name: str, value) -> str:
 
 
 def check_exit_layer(name: str, value):
-    if value == "final":
-        return "final"
-    return check_int(name, value)
+    return "final" if value == "final" else check_int(name, value)
 
 
 # Named templates: `none` is the raw text and `kvembedding` KV-Embedding's two prompts, for every templated
@@ -139,10 +137,7 @@ def parse_layers(text: str):
     if text in LAYER_WORDS:
         return text
     out = []
-    for part in text.replace("+", ",").split(","):
-        part = part.strip()
-        if not part:
-            continue
+    for part in filter(None, map(str.strip, text.replace("+", ",").split(","))):  # empty parts are skipped
         a, dash, b = part.partition("-")
         try:
             lo, hi = int(a), int(b) if dash else int(a)
@@ -230,5 +225,4 @@ def parse(name: str, text: str):
     """A switch value from a string, as typed on a command line or in an eval spec."""
     if name not in SWITCHES:
         raise SwitchError(f"unknown switch {name!r}; the switches are {', '.join(SWITCHES)}")
-    value = SWITCHES[name].parse(text)
-    return SWITCHES[name].check(name, value)
+    return SWITCHES[name].check(name, SWITCHES[name].parse(text))

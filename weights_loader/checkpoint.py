@@ -127,12 +127,10 @@ def weight_map(folder: str | os.PathLike) -> dict[str, Path]:
 def read_safetensors(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of `folder` (keys as stored), cast to `dtype` (None keeps the stored dtype)."""
     wmap = weight_map(folder)
-    by_file: dict[Path, list[str]] = {}
-    for key, path in wmap.items():
-        by_file.setdefault(path, []).append(key)
     sharded = (Path(folder) / INDEX_FILE).is_file()
     state: dict[str, torch.Tensor] = {}
-    for path, keys in by_file.items():
+    for path in dict.fromkeys(wmap.values()):
+        keys = [k for k, p in wmap.items() if p == path]
         with _open(path) as f:
             stored = set(f.keys())
             if sharded:
@@ -149,7 +147,11 @@ def read_safetensors(folder: str | os.PathLike, dtype: torch.dtype | None = None
                         f"({len(extra)} such keys); the index and the shards disagree: re-download the model"
                     )
             for key in keys:
-                state[key] = cast_weight(_get(f, path, key), dtype, path, key)
+                try:
+                    t = f.get_tensor(key)
+                except Exception as e:
+                    raise _corrupt(path, e, key) from e
+                state[key] = cast_weight(t, dtype, path, key)
     return state
 
 
@@ -169,13 +171,6 @@ def _open(path: Path):
         return safe_open(str(path), framework="pt")
     except Exception as e:
         raise _corrupt(path, e) from e
-
-
-def _get(f, path: Path, key: str) -> torch.Tensor:
-    try:
-        return f.get_tensor(key)
-    except Exception as e:
-        raise _corrupt(path, e, key) from e
 
 
 def _corrupt(path: Path, err: Exception, key: str | None = None) -> CorruptFileError:
@@ -261,15 +256,6 @@ def _read_memo() -> dict:
         return {}  # no cache yet, or a damaged one: hashing again is always correct
 
 
-def _write_memo(memo: dict) -> None:
-    try:
-        _memo_path().parent.mkdir(parents=True, exist_ok=True)
-        # Atomic, so concurrent loaders never read a half-written memo; no fsync: a lost memo only costs a hash.
-        atomic_write(_memo_path(), json.dumps(memo, indent=0, sort_keys=True), fsync=False)
-    except OSError:
-        pass  # read-only home: the fingerprint stays correct, only slower
-
-
 _hash_file = sha256_file  # the one place that reads a file to hash it (tests count the calls)
 
 
@@ -281,8 +267,7 @@ def file_sha256(path: str | os.PathLike) -> str:
     real = os.path.realpath(path)
     st = os.stat(real)
     stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    memo = _read_memo()
-    hit = memo.get(real)
+    hit = _read_memo().get(real)
     if isinstance(hit, dict) and hit.get("stamp") == stamp:
         return hit["sha256"]
     digest = _hash_file(Path(real))
@@ -291,7 +276,12 @@ def file_sha256(path: str | os.PathLike) -> str:
         # Forget files that are gone (temporary checkpoints), so the memo stays small.
         memo = {k: v for k, v in memo.items() if os.path.exists(k)}
         memo[real] = {"stamp": stamp, "sha256": digest}
-        _write_memo(memo)
+        try:
+            _memo_path().parent.mkdir(parents=True, exist_ok=True)
+            # Atomic, so concurrent loaders never read a half-written memo; no fsync: a lost memo only costs a hash.
+            atomic_write(_memo_path(), json.dumps(memo, indent=0, sort_keys=True), fsync=False)
+        except OSError:
+            pass  # read-only home: the fingerprint stays correct, only slower
     return digest
 
 

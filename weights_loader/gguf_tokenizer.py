@@ -125,9 +125,7 @@ def _sentencepiece_bpe(meta: dict, source: str) -> Tokenizer:
     if "tokenizer.ggml.merges" not in meta and "tokenizer.ggml.scores" not in meta:
         raise WeightsError(f"{source}: a 'llama' tokenizer needs tokenizer.ggml.merges or tokenizer.ggml.scores")
     scores = None if "tokenizer.ggml.merges" in meta else dict(zip(tokens, meta["tokenizer.ggml.scores"]))
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges(meta, vocab, scores), fuse_unk=True, byte_fallback=True,
-                               dropout=None))
-    tok.normalizer = None
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=_merges(meta, vocab, scores), fuse_unk=True, byte_fallback=True))
     # "first": sentencepiece puts "▁" before the first word only (transformers' non-legacy Llama tokenizer).
     tok.pre_tokenizer = pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="first", split=False)
     tok.decoder = decoders.Sequence(

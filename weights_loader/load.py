@@ -1,7 +1,7 @@
 """load_model: a name or path in, a frozen Decoder + tokenizer + config out.
 
     resolve the name (hub.py)  ->  config.json -> ModelArgs  ->  Decoder on the meta device
-    ->  read tensors, map names with KEY_TABLE, check keys and shapes  ->  load_state_dict(strict, assign)
+    ->  read tensors, map names (PREFIX, DROPPED_*), check keys and shapes  ->  load_state_dict(strict, assign)
     ->  eval, no grad, to device
 
 Building on `meta` allocates nothing, and `assign=True` makes the checkpoint's own tensors the parameters,
@@ -104,14 +104,8 @@ def load_model(
         tokenizer = read_tokenizer(path)
         fp = fingerprint(model_files(path), path)
 
-    model = build_decoder(args, state, sources, where=str(path))  # config vs weights first: the deeper mismatch
-    check_vocabulary(tokenizer, args, path)
-    model = model.to(device).eval().requires_grad_(False)
-    return LoadedModel(model=model, tokenizer=tokenizer, args=args, config=config, path=path, fingerprint=fp)
-
-
-def check_vocabulary(tokenizer, args: ModelArgs, path: Path) -> None:
-    """Every id the tokenizer can produce must have a row in embed_tokens: caught here, not mid-corpus."""
+    model = build_decoder(args, state, sources, str(path))  # config vs weights first: the deeper mismatch
+    # Every id the tokenizer can produce must have a row in embed_tokens: caught here, not mid-corpus.
     n = tokenizer.get_vocab_size(with_added_tokens=True)
     if n > args.vocab_size:
         raise CheckpointMismatchError(
@@ -119,6 +113,8 @@ def check_vocabulary(tokenizer, args: ModelArgs, path: Path) -> None:
             f"(config.json vocab_size); ids {args.vocab_size}..{n - 1} would have no embedding. The tokenizer does "
             f"not belong to these weights: re-download the model's tokenizer.json"
         )
+    model = model.to(device).eval().requires_grad_(False)
+    return LoadedModel(model=model, tokenizer=tokenizer, args=args, config=config, path=path, fingerprint=fp)
 
 
 def _model_args(config: dict, where: str) -> ModelArgs:
@@ -132,34 +128,20 @@ def _model_args(config: dict, where: str) -> ModelArgs:
         raise InvalidConfigError(f"{text}. Fix the file or re-download the model") from e
 
 
-def map_key(key: str) -> str | None:
-    """The Decoder key for a checkpoint key, or None for keys the embedder never uses (the table above)."""
-    if key in DROPPED_KEYS or key.endswith(DROPPED_SUFFIXES):
-        return None
-    return key.removeprefix(PREFIX)
-
-
-def build_decoder(
-    args: ModelArgs,
-    state: dict[str, torch.Tensor],
-    sources: dict[str, Path] | None = None,
-    *,
-    where: str = "checkpoint",
-) -> Decoder:
+def build_decoder(args: ModelArgs, state: dict[str, torch.Tensor], sources: dict[str, Path], where: str) -> Decoder:
     """A Decoder whose parameters are the tensors of `state` (checkpoint keys), after checking keys and shapes.
 
     `sources` maps each checkpoint key to the file it came from, so that errors can name it.
     """
-    sources = sources or {}
     with torch.device("meta"):
         model = Decoder(args)
     expected = model.state_dict()  # meta tensors: shapes only, nothing allocated
 
     mapped: dict[str, str] = {}  # Decoder key -> checkpoint key
     for key in state:
-        new = map_key(key)
-        if new is None:
+        if key in DROPPED_KEYS or key.endswith(DROPPED_SUFFIXES):  # never used by the embedder (the table above)
             continue
+        new = key.removeprefix(PREFIX)
         if new in mapped:
             raise CheckpointMismatchError(
                 f"{sources.get(key, where)}: keys {mapped[new]!r} and {key!r} both map to {new!r}; "

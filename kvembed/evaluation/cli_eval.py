@@ -21,7 +21,6 @@ import warnings
 from pathlib import Path
 
 from kvembed.cli_options import add_model_options, positive_int, switches_from_args
-from kvembed.files import cache_root
 from kvembed.switches import SWITCHES, SwitchError, check, parse
 
 from .tasks import default_data_dir
@@ -42,8 +41,8 @@ def parse_method(spec: str) -> tuple[str, dict]:
         if not sep or key not in SWITCHES:
             raise SwitchError(f"method spec {spec!r}: '{p}' is not key=value with key in {', '.join(SWITCHES)}")
         switches[key] = parse(key, value)
-    name = method_name(name) if name != "lexical_bow" else name
     if name != "lexical_bow":
+        name = method_name(name)
         check(name, switches)
     return name, switches
 
@@ -122,28 +121,17 @@ def method_list(args) -> list[tuple[str, str, dict]]:
     return out
 
 
-def _quiet_libraries() -> None:
-    # mteb/datasets/sklearn chatter (per-map progress bars, ill-defined-metric warnings on few-shot
-    # folds) would bury our own progress bars; scores are unaffected.
-    import datasets
-
-    datasets.disable_progress_bars()
-    warnings.filterwarnings("ignore", module="sklearn")
-    for name in ("mteb", "datasets", "httpx", "urllib3"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
 def run(args, *, make=None) -> int:
     """Run the table (or the ablation grid), write `<out>/<name>.md|json`, print the markdown."""
+    import datasets
+
     from .ablations import check_split, run_ablations
     from .cache import EmbeddingCache
-    from .report import write_report
+    from .report import combine_reports, write_report
     from .runners import Table, make_embedder, run_method
     from .tasks import select_tasks
 
     if args.combine:
-        from .report import combine_reports
-
         md, js = combine_reports(args.combine, args.out, args.name or "eval",
                                  "kvembed Evaluation, MTEB 2.x protocol, on both named backbones")
         print(f"wrote {md} and {js}")
@@ -152,9 +140,14 @@ def run(args, *, make=None) -> int:
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(message)s")
     logging.getLogger("kvembed").setLevel(logging.INFO)
-    _quiet_libraries()
+    # mteb/datasets/sklearn chatter (per-map progress bars, ill-defined-metric warnings on few-shot
+    # folds) would bury our own progress bars; scores are unaffected.
+    datasets.disable_progress_bars()
+    warnings.filterwarnings("ignore", module="sklearn")
+    for name in ("mteb", "datasets", "httpx", "urllib3"):
+        logging.getLogger(name).setLevel(logging.ERROR)
     data_dir = args.data_dir or default_data_dir()
-    cache = None if args.no_cache else EmbeddingCache(args.cache_dir or cache_root() / "eval")
+    cache = None if args.no_cache else EmbeddingCache(args.cache_dir)  # None: $KVEMBED_CACHE/eval
     command = args.command
     progress = not args.no_progress
 

@@ -64,8 +64,9 @@ def statistic(kind: str, rows: dict, idx: np.ndarray | None = None) -> float:
 
         labels = take(rows["label"])
         # mteb's max_ap: the best AP over its similarity functions (distances ranked the other way round)
-        return max(float(average_precision_score(labels, take(s) if higher else -take(s)))
-                   for s, higher in ((rows[name], rows_higher(name)) for name in SIMILARITIES if name in rows))
+        return max(float(average_precision_score(labels, -take(rows[name]) if name.endswith("_distances")
+                                                 else take(rows[name])))
+                   for name in SIMILARITIES if name in rows)
     if kind in ("reranking", "retrieval"):
         return float(np.mean(take(rows["per_query"])))
     if kind == "clustering":
@@ -77,12 +78,8 @@ def statistic(kind: str, rows: dict, idx: np.ndarray | None = None) -> float:
     raise ValueError(f"no statistic for task type {kind!r}")
 
 
-# mteb's pair-classification scores and their direction (higher = more similar)
+# mteb's pair-classification scores (higher = more similar, except the *_distances)
 SIMILARITIES = ("similarity_scores", "cosine_scores", "manhattan_distances", "euclidean_distances", "dot_scores")
-
-
-def rows_higher(name: str) -> bool:
-    return not name.endswith("_distances")
 
 
 def n_units(kind: str, rows: dict) -> int:
@@ -123,9 +120,8 @@ def interval(kind: str, rows: dict, *, n_boot: int = N_BOOT, seed: int = SEED) -
         return t_interval(rows["per_experiment"])
     if kind == "clustering":
         return percentile(statistic(kind, rows), np.asarray(rows["per_restart"]))
-    point = statistic(kind, rows)
     draws = np.array([statistic(kind, rows, idx) for idx in resamples(n_units(kind, rows), n_boot, seed)])
-    return percentile(point, draws)
+    return percentile(statistic(kind, rows), draws)
 
 
 def paired_interval(kind: str, rows_a: dict, rows_b: dict, *, n_boot: int = N_BOOT, seed: int = SEED) -> Interval:
@@ -139,7 +135,6 @@ def paired_interval(kind: str, rows_a: dict, rows_b: dict, *, n_boot: int = N_BO
     if kind == "clustering":
         return percentile(statistic(kind, rows_a) - statistic(kind, rows_b),
                           np.asarray(rows_a["per_restart"]) - np.asarray(rows_b["per_restart"]))
-    point = statistic(kind, rows_a) - statistic(kind, rows_b)
     draws = np.array([statistic(kind, rows_a, idx) - statistic(kind, rows_b, idx)
                       for idx in resamples(n, n_boot, seed)])
-    return percentile(point, draws)
+    return percentile(statistic(kind, rows_a) - statistic(kind, rows_b), draws)

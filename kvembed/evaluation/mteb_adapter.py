@@ -52,13 +52,12 @@ def describe(embedder, name: str | None = None, method: str | None = None, switc
 def build_model_meta(embedder, *, name: str | None = None, method: str | None = None,
                      switches: dict | None = None) -> ModelMeta:
     model, method, config = describe(embedder, name, method, switches)
-    dim = embedder.get_embedding_dimension() if hasattr(embedder, "get_embedding_dimension") else None
     return ModelMeta.create_empty(overwrites=dict(
         # mteb wants "organization/model"; the method is part of the name so results folders keep methods apart,
         # and the fingerprint (weights + method + switches + limits) is the revision: stable from run to run.
         name=f"kvembed/{_slug(model)}__{_slug(method)}",
         revision=str(embedder.fingerprint)[:40],
-        embed_dim=dim,
+        embed_dim=embedder.get_embedding_dimension() if hasattr(embedder, "get_embedding_dimension") else None,
         framework=["PyTorch"],
         similarity_fn_name=ScoringFunction.COSINE,
         use_instructions=True,

@@ -120,6 +120,14 @@ def cut_row(row: dict, cut) -> dict:
     return out
 
 
+def _retrieval_task(meta: TaskMetadata, split: str, corpus: list[dict], queries: list[dict], relevant: dict,
+                    top_ranked: dict | None) -> LocalRetrieval:
+    """Retrieval, or mteb 2.x reranking when `top_ranked` lists each query's own candidates."""
+    data = RetrievalSplitData(corpus=Dataset.from_list(corpus), queries=Dataset.from_list(queries),
+                              relevant_docs=relevant, top_ranked=top_ranked)
+    return LocalRetrieval(meta, {"default": {split: data}})
+
+
 def _label_ids(*splits: list[dict]) -> dict:
     return {name: i for i, name in enumerate(sorted({str(r["label"]) for rows in splits for r in rows}))}
 
@@ -133,35 +141,25 @@ def build_task(spec: TaskSpec, split: str, max_rows: int | None = None, seed: in
         if split != "test":
             raise TaskDataError(f"{spec.name}: retrieval qrels exist for the test split only, not '{split}'")
         corpus, queries, qrels = load_retrieval(spec, max_rows, seed)
-        corpus = [{**d, "text": cut(d["text"])} for d in corpus]
-        queries = [{**q, "text": cut(q["text"])} for q in queries]
+        corpus = [{"id": d["id"], "title": d.get("title") or "", "text": cut(d["text"])} for d in corpus]
+        queries = [{"id": q["id"], "text": cut(q["text"])} for q in queries]
         relevant: dict[str, dict[str, int]] = {q["id"]: {} for q in queries}
         for r in qrels:
             relevant[r["query_id"]][r["doc_id"]] = int(r["relevance"])
-        data = RetrievalSplitData(
-            corpus=Dataset.from_list([{"id": d["id"], "title": d.get("title") or "", "text": d["text"]} for d in corpus]),
-            queries=Dataset.from_list([{"id": q["id"], "text": q["text"]} for q in queries]),
-            relevant_docs=relevant,
-            top_ranked=None,
-        )
-        return LocalRetrieval(_metadata(spec, split), {"default": {split: data}})
+        return _retrieval_task(_metadata(spec, split), split, corpus, queries, relevant, None)
 
     rows = [cut_row(r, cut) for r in load_split(spec, split, max_rows, seed)]
     if not rows:
         raise TaskDataError(f"{spec.name}/{split}: no rows")
     meta = _metadata(spec, split)
 
-    if spec.type == "sts":
+    if spec.type in ("sts", "pair_classification"):
+        gold, as_type, cls = (("score", float, LocalSTS) if spec.type == "sts"
+                              else ("label", int, LocalPairClassification))
         ds = Dataset.from_dict({"sentence1": [r["sentence1"] for r in rows],
                                 "sentence2": [r["sentence2"] for r in rows],
-                                "score": [float(r["score"]) for r in rows]})
-        return LocalSTS(meta, {split: ds})
-
-    if spec.type == "pair_classification":
-        ds = Dataset.from_dict({"sentence1": [r["sentence1"] for r in rows],
-                                "sentence2": [r["sentence2"] for r in rows],
-                                "label": [int(r["label"]) for r in rows]})
-        return LocalPairClassification(meta, {split: ds})
+                                gold: [as_type(r[gold]) for r in rows]})
+        return cls(meta, {split: ds})
 
     if spec.type == "classification":
         if split == "train":
@@ -190,12 +188,7 @@ def build_task(spec: TaskSpec, split: str, max_rows: int | None = None, seed: in
             corpus += [{"id": d, "title": "", "text": t} for d, (t, _) in zip(ids, cands)]
             relevant[qid] = {d: rel for d, (_, rel) in zip(ids, cands)}
             top_ranked[qid] = ids
-        data = RetrievalSplitData(
-            corpus=Dataset.from_list(corpus),
-            queries=Dataset.from_list([{"id": f"q{i}", "text": r["query"]} for i, r in enumerate(rows)]),
-            relevant_docs=relevant,
-            top_ranked=top_ranked,
-        )
-        return LocalRetrieval(meta, {"default": {split: data}})
+        queries = [{"id": f"q{i}", "text": r["query"]} for i, r in enumerate(rows)]
+        return _retrieval_task(meta, split, corpus, queries, relevant, top_ranked)
 
     raise TaskDataError(f"{spec.name}: unknown task type '{spec.type}'")

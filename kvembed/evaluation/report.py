@@ -49,14 +49,11 @@ def _result(run: MethodRun, task: str):
     return next((r for r in run.results if r.task == task), None)
 
 
-def is_kv(run: MethodRun, layers_none: bool) -> bool:
-    return run.method == "kvembedding" and (run.switches.get("layers") == "none") == layers_none
-
-
 def paired_rows(table: Table, tasks) -> list[dict]:
     """Per task: KV-Embedding - the same without re-routing, and KV-Embedding - the best baseline, with intervals."""
-    kv = next((r for r in table.runs if is_kv(r, False) and set(r.switches) <= {"max_length"}), None)
-    none = next((r for r in table.runs if is_kv(r, True) and set(r.switches) <= {"max_length", "layers"}), None)
+    kv = next((r for r in table.runs if r.method == "kvembedding" and set(r.switches) <= {"max_length"}), None)
+    none = next((r for r in table.runs if r.method == "kvembedding" and r.switches.get("layers") == "none"
+                 and set(r.switches) <= {"max_length", "layers"}), None)
     if kv is None:
         return []
     out = []
@@ -138,11 +135,7 @@ def write_report(table: Table, out_dir: Path | str, name: str) -> tuple[Path, Pa
     out_dir.mkdir(parents=True, exist_ok=True)
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
             "versions": _versions()}
-    tasks = []
-    for run in table.runs:
-        for r in run.results:
-            if (r.task, r.type, r.main_score) not in tasks:
-                tasks.append((r.task, r.type, r.main_score))
+    tasks = list(dict.fromkeys((r.task, r.type, r.main_score) for run in table.runs for r in run.results))
     paired = paired_rows(table, tasks)
     data = {**table.to_json(), **meta, "paired": paired,
             "averages": {run.label: type_averages(run) for run in table.runs}}

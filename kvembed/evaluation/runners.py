@@ -1,9 +1,8 @@
 """Run methods over tasks: one mteb-scored result per (method, task), with timing and cache counts.
 
 `evaluate_task` builds the in-memory mteb task (mteb_tasks.py) and calls the task's own
-`evaluate`, so the score is mteb's. `run_table` loops over methods and tasks and returns a `Table`
-that report.py writes. Embedders are made by `make_embedder`: the encoder's methods through
-`KVEmbedder.from_pretrained`, plus the model-free `lexical_bow` floor.
+`evaluate`, so the score is mteb's. `run_method` loops over tasks for one embedder (`make_embedder`);
+a `Table` of such runs is what report.py writes.
 
 Splits: `test` is for reporting only. A task without the requested split (e.g. Banking77 or the
 clustering sets under `--split validation`) is skipped and says so; it never falls back to test.
@@ -81,7 +80,6 @@ def make_embedder(model: str | None, method: str, switches: dict | None = None, 
     KV-Embedding's `layers="auto"` measures intrinsic dimension on the data pack's unlabelled
     `id_corpus` (train texts only, never an evaluation split) unless the model ships a selection.
     """
-    switches = dict(switches or {})
     if method == "lexical_bow":
         if switches:
             raise ValueError(f"method 'lexical_bow' takes no switches, got {sorted(switches)}")
@@ -89,11 +87,9 @@ def make_embedder(model: str | None, method: str, switches: dict | None = None, 
         return HashingBowEmbedder()
     from kvembed.encoder import KVEmbedder
 
-    extra = {}
     id_corpus = id_corpus or Path(data_dir or default_data_dir()) / "id_corpus" / "train.jsonl"
-    if method == "kvembedding" and Path(id_corpus).is_file():
-        extra["id_corpus"] = str(id_corpus)
-    return KVEmbedder.from_pretrained(model, method=method, dtype=dtype, device=device, **extra, **switches)
+    extra = {"id_corpus": str(id_corpus)} if method == "kvembedding" and Path(id_corpus).is_file() else {}
+    return KVEmbedder.from_pretrained(model, method=method, dtype=dtype, device=device, **extra, **(switches or {}))
 
 
 def describe_layers(embedder) -> str:
@@ -101,19 +97,14 @@ def describe_layers(embedder) -> str:
     layers = getattr(getattr(embedder, "method", None), "layers", None)
     if layers is None or callable(layers):
         return "n/a"
-    layers = list(layers)
-    return ",".join(map(str, layers)) if layers else "none"
+    return ",".join(map(str, layers)) or "none"
 
 
 def _clean(scores: dict) -> dict:
     """Top-level numeric scores only (mteb also returns per-experiment lists), as plain floats."""
-    out = {}
-    for k, v in scores.items():
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            out[k] = float(v)
-        elif hasattr(v, "item") and getattr(v, "ndim", 1) == 0:
-            out[k] = float(v.item())
-    return out
+    return {k: float(v) for k, v in scores.items()
+            if (isinstance(v, (int, float)) and not isinstance(v, bool))
+            or (hasattr(v, "item") and getattr(v, "ndim", 1) == 0)}
 
 
 def _rows(task) -> int:
@@ -217,12 +208,11 @@ def run_method(embedder, specs: list[TaskSpec], *, split: str = "test", max_rows
 
 def type_averages(run: MethodRun) -> dict:
     """Mean main score per task type, then over all scored tasks ("avg")."""
+    scored = [r for r in run.results if r.score is not None]
     by_type: dict[str, list[float]] = {}
-    for r in run.results:
-        if r.score is not None:
-            by_type.setdefault(r.type, []).append(r.score)
+    for r in scored:
+        by_type.setdefault(r.type, []).append(r.score)
     out = {t: sum(v) / len(v) for t, v in by_type.items()}
-    scored = [r.score for r in run.results if r.score is not None]
     if scored:
-        out["avg"] = sum(scored) / len(scored)
+        out["avg"] = sum(r.score for r in scored) / len(scored)
     return out

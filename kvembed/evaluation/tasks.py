@@ -4,9 +4,6 @@ Layout (see `<data-dir>/README.md`): one folder per task with a `task.json`
 (`name`, `type`, `main_score`, `splits: {split: rows}`) and one JSON-lines file per split.
 Retrieval keeps `corpus.jsonl`, `queries.jsonl` and `qrels.jsonl` instead (the qrels are the test split).
 
-The data folder is `--data-dir`, else `$KVEMBED_DATA`, else the first `shared/data` found next to the source
-checkout, in the current directory or in its parent.
-
 `--max-rows N` keeps N rows of every split a task uses, chosen by `random.Random(seed).sample` over
 row indices (seed 0 unless told) and then put back in file order, so a subset is the same on every
 machine and a larger N is not a superset of a smaller one. What a "row" is depends on the type:
@@ -94,8 +91,9 @@ FIELDS = {
 }
 
 
-def _read_jsonl(path: Path, kind: str | None = None) -> list[dict]:
-    """Every object of a JSON-lines file; with `kind`, each must carry FIELDS[kind] (the error names file:line)."""
+def _read_jsonl(path: Path, kind: str | None = None, announced: int | None = None) -> list[dict]:
+    """Every object of a JSON-lines file; with `kind`, each must carry FIELDS[kind] (the error names file:line);
+    with `announced`, there must be that many (a task is never scored on fewer rows than it announces)."""
     if not path.is_file():
         raise TaskDataError(f"{path}: file not found; check --data-dir (or $KVEMBED_DATA) and the task's splits")
     rows = []
@@ -114,6 +112,9 @@ def _read_jsonl(path: Path, kind: str | None = None) -> list[dict]:
             if isinstance(row[field], bool) or not isinstance(row[field], types):
                 raise TaskDataError(f"{path}:{i}: {field!r} is {type(row[field]).__name__}, not what a {kind} row needs")
         rows.append(row)
+    if announced is not None and len(rows) != announced:
+        raise TaskDataError(f"{path}: {len(rows)} rows, but task.json announces {announced}; the file is incomplete "
+                            "or task.json is wrong")
     return rows
 
 
@@ -146,8 +147,7 @@ def list_tasks(data_dir: Path | str | None = None) -> list[TaskSpec]:
     if not data_dir.is_dir():
         raise TaskDataError(f"{data_dir}: data folder not found; pass --data-dir or set $KVEMBED_DATA")
     specs = [load_spec(p) for p in sorted(data_dir.iterdir()) if (p / "task.json").is_file()]
-    specs = [s for s in specs if s.type in TASK_TYPES]
-    return sorted(specs, key=lambda s: (TASK_TYPES.index(s.type), s.name))
+    return sorted((s for s in specs if s.type in TASK_TYPES), key=lambda s: (TASK_TYPES.index(s.type), s.name))
 
 
 def select_tasks(names: str | list[str], data_dir: Path | str | None = None) -> list[TaskSpec]:
@@ -182,24 +182,15 @@ def load_split(spec: TaskSpec, split: str, max_rows: int | None = None, seed: in
         raise TaskDataError(f"{spec.name}: a retrieval task is loaded with load_retrieval, not load_split")
     if split not in spec.splits:
         raise TaskDataError(f"{spec.name}: no split '{split}'; it has {', '.join(spec.splits)}")
-    path = spec.path / f"{split}.jsonl"
-    rows = _read_jsonl(path, spec.type)
-    if len(rows) != spec.splits[split]:  # a task is never scored on fewer rows than it announces
-        raise TaskDataError(f"{path}: {len(rows)} rows, but task.json announces {spec.splits[split]}; the file is "
-                            "incomplete or task.json is wrong")
+    rows = _read_jsonl(spec.path / f"{split}.jsonl", spec.type, spec.splits[split])
     return [rows[i] for i in sample_indices(len(rows), max_rows, seed)]
 
 
 def load_retrieval(spec: TaskSpec, max_rows: int | None = None, seed: int = 0) -> tuple[list, list, list]:
     """(corpus, queries, qrels) rows; max_rows samples queries, the corpus stays whole."""
-    corpus = _read_jsonl(spec.path / "corpus.jsonl", "corpus")
-    queries = _read_jsonl(spec.path / "queries.jsonl", "queries")
-    qrels = _read_jsonl(spec.path / "qrels.jsonl", "qrels")
-    for name, rows, announced in (("queries", queries, spec.splits.get("test")), ("corpus", corpus, spec.corpus_size),
-                                  ("qrels", qrels, spec.qrels)):
-        if announced is not None and len(rows) != announced:
-            raise TaskDataError(f"{spec.path / (name + '.jsonl')}: {len(rows)} rows, but task.json announces "
-                                f"{announced}; the file is incomplete or task.json is wrong")
+    corpus = _read_jsonl(spec.path / "corpus.jsonl", "corpus", spec.corpus_size)
+    queries = _read_jsonl(spec.path / "queries.jsonl", "queries", spec.splits.get("test"))
+    qrels = _read_jsonl(spec.path / "qrels.jsonl", "qrels", spec.qrels)
     queries = [queries[i] for i in sample_indices(len(queries), max_rows, seed)]
     kept = {q["id"] for q in queries}
     return corpus, queries, [r for r in qrels if r["query_id"] in kept]

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -92,7 +92,7 @@ def scan_jsonl(path, *, id_field: str = "id", text_field: str = "text", skip_bad
                         raise InputError(f"{path}: {e} (pass --skip-bad-lines to leave such lines out)") from None
                     skipped.append({"line": line_no, "error": str(e)})
             offset += len(raw)
-    return InputIndex(
+    index = InputIndex(
         path=path,
         id_field=id_field,
         text_field=text_field,
@@ -100,9 +100,8 @@ def scan_jsonl(path, *, id_field: str = "id", text_field: str = "text", skip_bad
         line_numbers=np.asarray(line_numbers, dtype=np.int64),
         skipped=skipped,
         sha256=digest.hexdigest(),
-        duplicates=find_duplicates(path, np.asarray(id_keys, dtype=np.uint64), np.asarray(line_numbers, np.int64),
-                                   id_field, text_field),
     )
+    return replace(index, duplicates=find_duplicates(index, np.asarray(id_keys, dtype=np.uint64)))
 
 
 def id_key(rid) -> int:
@@ -110,21 +109,16 @@ def id_key(rid) -> int:
     return int.from_bytes(hashlib.blake2b(json.dumps(rid).encode(), digest_size=8).digest(), "little")
 
 
-def find_duplicates(path: Path, keys: np.ndarray, lines: np.ndarray, id_field: str, text_field: str) -> dict:
-    """{"count": rows that repeat an earlier id, "examples": [{"id", "line"}, ...]} or {} when ids are unique."""
-    if len(keys) < 2:
-        return {}
+def find_duplicates(index: InputIndex, keys: np.ndarray) -> dict:
+    """{"count": rows that repeat an earlier id, "examples": [{"id", "line"}, ...]} or {} when ids are unique.
+    `keys`: (N,) uint64 id_key of each row of `index`."""
     order = np.argsort(keys, kind="stable")  # stable: among equal ids, file order
     repeat = np.zeros(len(keys), dtype=bool)
     repeat[order[1:]] = keys[order[1:]] == keys[order[:-1]]
     if not repeat.any():
         return {}
-    examples = []
-    with open(path, "rb") as f:
-        for line_no in lines[repeat][:5]:
-            f.seek(0)
-            raw = next(r for n, r in enumerate(f, start=1) if n == line_no)
-            examples.append({"id": parse_line(raw, int(line_no), id_field, text_field)[0], "line": int(line_no)})
+    examples = [{"id": read_rows(index, row, row + 1)[0][0], "line": int(index.line_numbers[row])}
+                for row in np.flatnonzero(repeat)[:5].tolist()]
     return {"count": int(repeat.sum()), "examples": examples}
 
 

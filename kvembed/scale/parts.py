@@ -40,12 +40,6 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def npy_bytes(matrix: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, np.ascontiguousarray(matrix, dtype=np.float32), allow_pickle=False)
-    return buf.getvalue()
-
-
 def remove_stale_tmp(outdir: Path) -> list[str]:
     """Delete temporary files left by a killed writer. Call only while no rank is writing."""
     removed = []
@@ -63,7 +57,9 @@ def write_part(outdir: Path, k: int, start: int, ids: list, matrix: np.ndarray, 
     if matrix.ndim != 2 or matrix.shape[0] != len(ids):
         raise ValueError(f"part {k}: embeddings of shape {tuple(matrix.shape)} for {len(ids)} ids")
     stem = part_stem(k)
-    npy, ids_data = npy_bytes(matrix), json_bytes(ids)
+    buf = io.BytesIO()
+    np.save(buf, np.ascontiguousarray(matrix, dtype=np.float32), allow_pickle=False)
+    npy, ids_data = buf.getvalue(), json_bytes(ids)
     record = {
         "part": k,
         "start": start,
@@ -82,16 +78,12 @@ def write_part(outdir: Path, k: int, start: int, ids: list, matrix: np.ndarray, 
     return record
 
 
-def read_record(outdir: Path, k: int) -> dict | None:
-    try:
-        return json.loads((outdir / f"{part_stem(k)}.json").read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return None  # absent or unreadable: not finished
-
-
 def finished_record(outdir: Path, k: int, start: int, end: int, run_key: str, *, verify: bool = True) -> dict | None:
     """Part k's record if the part is finished for this run, else None (it must be recomputed)."""
-    rec = read_record(outdir, k)
+    try:
+        rec = json.loads((outdir / f"{part_stem(k)}.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None  # absent or unreadable: not finished
     if not rec or rec.get("run_key") != run_key or (rec.get("start"), rec.get("end")) != (start, end):
         return None
     if verify:

@@ -56,10 +56,6 @@ class Progress:
         if not self.quiet:
             print(line, file=self.out, flush=True)
 
-    def rate(self) -> float:
-        elapsed = self.clock() - self.start
-        return self.rows / elapsed if elapsed > 0 else 0.0
-
     def advance(self, rows: int, *, force: bool = False) -> None:
         """Count `rows` more embedded texts; print at most once every `every` seconds unless forced."""
         self.rows += rows
@@ -67,14 +63,14 @@ class Progress:
         if not force and now - self.last_log < self.every:
             return
         self.last_log = now
-        rate = self.rate()
+        elapsed = now - self.start
+        rate = self.rows / elapsed if elapsed > 0 else 0.0
         self.say(
             f"[rank {self.rank}/{self.world}] {self.rows}/{self.rank_total} rows  {rate:.1f} texts/s  "
             f"ETA {fmt_seconds(eta(self.rank_total - self.rows, rate))}"
         )
         if self.done_on_disk is not None:
             parts, disk_rows = self.done_on_disk()
-            elapsed = now - self.start
             all_rate = (disk_rows - self.disk_start) / elapsed if elapsed > 0 else 0.0
             self.say(
                 f"[all {self.world} ranks] parts {parts}/{self.total_parts}  {disk_rows}/{self.total_rows} rows  "
