@@ -135,6 +135,8 @@ def test_hidden_states_match_transformers_gguf(folder, gguf_dir):
 
 
 def fake_wheel(path: Path, payload: bytes = b"GGUF-fake") -> str:
+    """A wheel holding `payload` where the default model's wheel holds its GGUF; returns the wheel's sha256."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with zipfile.ZipFile(path, "w") as zf:
         zf.writestr(WHEEL.member, payload)
     return hashlib.sha256(path.read_bytes()).hexdigest()

