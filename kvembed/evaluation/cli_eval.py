@@ -123,8 +123,6 @@ def method_list(args) -> list[tuple[str, str, dict]]:
 
 def run(args, *, make=None) -> int:
     """Run the table (or the ablation grid), write `<out>/<name>.md|json`, print the markdown."""
-    import datasets
-
     from .ablations import check_split, run_ablations
     from .cache import EmbeddingCache
     from .report import combine_reports, write_report
@@ -142,6 +140,8 @@ def run(args, *, make=None) -> int:
     logging.getLogger("kvembed").setLevel(logging.INFO)
     # mteb/datasets/sklearn chatter (per-map progress bars, ill-defined-metric warnings on few-shot
     # folds) would bury our own progress bars; scores are unaffected.
+    import datasets
+
     datasets.disable_progress_bars()
     warnings.filterwarnings("ignore", module="sklearn")
     for name in ("mteb", "datasets", "httpx", "urllib3"):
