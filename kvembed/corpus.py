@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import json
 import os
 import sys
 import time
@@ -33,7 +32,7 @@ from kvembed.cli_options import add_model_options, embedder_from_args, positive_
 from kvembed.encoder import TruncationWarning
 from kvembed.scale.inputs import read_rows, scan_jsonl
 from kvembed.scale.manifest import (FORMAT, OutdirError, assemble, check_or_claim, intact, load_corpus_embeddings,
-                                   run_key)
+                                   read_manifest, run_key)
 from kvembed.scale.parts import finished_record, json_bytes, n_parts, part_range, remove_stale_tmp, write_part
 from kvembed.scale.progress import Progress, fmt_seconds
 
@@ -217,11 +216,11 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
     # A rerun that computed nothing over a committed, intact manifest of this run has nothing to assemble; the
     # final files are checked against their recorded sha256 first, so a damaged one is rebuilt from the parts.
     reuse = not any(r["parts_computed"] for r in ranks) and manifest_path.is_file()
-    already = reuse and json.loads(manifest_path.read_text(encoding="utf-8")).get("run_key") == key and intact(outdir)
+    already = reuse and intact(outdir, key)
     if reuse and not already:
-        say(f"[rank 0] {outdir}: embeddings.npy or ids.json does not match manifest.json; rebuilding them from the "
-            "verified parts")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8")) if already else assemble(outdir, config, n_rows)
+        say(f"[rank 0] {outdir}: manifest.json is damaged or embeddings.npy or ids.json does not match it; "
+            "rebuilding them from the verified parts")
+    manifest = read_manifest(outdir) if already else assemble(outdir, config, n_rows)
     computed = sum(r["rows_computed"] for r in ranks)
     summary = {
         "rows": n_rows, "parts": total_parts, "world_size": world_size,

@@ -8,6 +8,7 @@ in the model or the user API.
     atomic_write(path, data)   the file is absent, old, or complete: never half-written
     atomic_output(path)        the same, for writers that stream (np.save, json lines)
     read_texts(path, ...)      a .txt (one text per line) or .jsonl (a field per object), with line numbers
+    read_json(path, error, ..) one JSON object, or `error` naming the file, what is wrong and what to do
 
 Reading rules, the same for every command: the suffix decides the format, case-insensitively (`.JSONL` is
 JSON lines); a UTF-8 byte-order mark is dropped; `\\n`, `\\r\\n` and a lone `\\r` all end a line; invalid
@@ -92,6 +93,18 @@ def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = Tr
 
 
 # ------------------------------------------------------------------------------------- reading texts
+
+
+def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, advice: str = "fix the file") -> dict:
+    """The JSON object in `path` (UTF-8). Not JSON, or not an object: `error`, naming the file, what is wrong and
+    `advice`. A missing file stays the caller's to explain (what it is for, where it should come from)."""
+    try:
+        obj = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e}); {advice}") from None
+    if not isinstance(obj, dict):
+        raise error(f"{path}: expected a JSON object, got {type(obj).__name__}; {advice}")
+    return obj
 
 
 def iter_lines(path: str | os.PathLike):

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
+from .files import read_json
 from .method import Prefix, ReRouting, collate, pool
 
 GOLDEN_TEXTS = (
@@ -110,7 +111,7 @@ def check_golden(embedder, outdir) -> dict[str, float]:
     """Recompute and compare with a golden folder; returns {name: max error relative to the tensor's max}."""
     outdir = Path(outdir)
     want = load_file(str(outdir / "golden.safetensors"))
-    desc = json.loads((outdir / "golden.json").read_text())
+    desc = read_json(outdir / "golden.json", advice="restore it from the golden folder you were given")
     got = golden_tensors(embedder, desc["texts"])
     if set(got) != set(want):
         raise ValueError(f"golden tensors differ in names: missing {sorted(set(want) - set(got))[:5]}, "

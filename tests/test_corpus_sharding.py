@@ -215,6 +215,23 @@ def test_a_damaged_final_file_is_rebuilt_on_rerun_not_reused(tmp_path):
     assert len(ids) == 30
 
 
+def test_a_damaged_json_file_in_outdir_is_rebuilt_or_named_never_a_bare_decode_error(tmp_path):
+    inp = make_input(tmp_path / "in.jsonl", n=30)
+    out = tmp_path / "out"
+    embed_corpus(inp, out, FakeEmbedder(), **OPTS)
+    good = (out / "manifest.json").read_bytes()
+    (out / "manifest.json").write_text('{"format": "kvembed-corpus/1", "compl')  # cut short
+    with pytest.raises(OutdirError, match=r"manifest.json: not valid JSON .*rerun the same `kvembed embed-corpus`"):
+        load_corpus_embeddings(out)
+    fake = FakeEmbedder()
+    summary = embed_corpus(inp, out, fake, **OPTS)  # the rerun rebuilds it from the verified parts
+    assert fake.calls == [] and summary["assembled"] and (out / "manifest.json").read_bytes() == good
+    (out / "run.json").write_text("[1, 2]")  # run.json: refused, named, and left alone for the user to look at
+    with pytest.raises(OutdirError, match=r"run.json: expected a JSON object, got list; .*delete"):
+        embed_corpus(inp, out, FakeEmbedder(), **OPTS)
+    assert (out / "run.json").read_text() == "[1, 2]"
+
+
 def test_an_outdir_that_is_a_file_is_one_error(tmp_path):
     inp = make_input(tmp_path / "in.jsonl", n=5)
     (tmp_path / "out").write_text("a file")

@@ -139,6 +139,14 @@ def test_index_without_weight_map(sharded):
     assert "model.safetensors.index.json" in msg and "'weight_map'" in msg
 
 
+
+@pytest.mark.parametrize("text, what", [("[1, 2]", "expected a JSON object, got list"),
+                                        ('{"weight_map": {', "not valid JSON")])
+def test_index_that_is_not_a_json_object(sharded, text, what):
+    (sharded / "model.safetensors.index.json").write_text(text)
+    msg = _message(sharded, CorruptFileError)
+    assert str(sharded / "model.safetensors.index.json") in msg and what in msg and "re-download" in msg
+
 # ---------------------------------------------------------------------------------------------- corrupt files
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from kvembed.files import atomic_write, cache_root, sha256_file
+from kvembed.files import atomic_write, cache_root, read_json, sha256_file
 
 from .errors import CheckpointMismatchError, CorruptFileError, WeightsError
 
@@ -55,13 +55,7 @@ def read_config(folder: str | os.PathLike) -> dict:
             f"{path}: not found. A checkpoint folder must hold the Hugging Face config.json next to the "
             f"weights; copy it from the model's repository or re-download the model"
         )
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CorruptFileError(f"{path}: not valid JSON ({e}); fix or re-download the file") from e
-    if not isinstance(cfg, dict):
-        raise CorruptFileError(f"{path}: expected a JSON object at the top level, got {type(cfg).__name__}")
-    return cfg
+    return read_json(path, CorruptFileError, "fix or re-download the file")
 
 
 # ---------------------------------------------------------------------------------------------- tokenizer
@@ -95,11 +89,7 @@ def weight_map(folder: str | os.PathLike) -> dict[str, Path]:
     index = folder / INDEX_FILE
     single = folder / SINGLE_FILE
     if index.is_file():
-        try:
-            data = json.loads(index.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise CorruptFileError(f"{index}: not valid JSON ({e}); re-download the file") from e
-        wmap = data.get("weight_map") if isinstance(data, dict) else None
+        wmap = read_json(index, CorruptFileError, "re-download the file").get("weight_map")
         if not isinstance(wmap, dict) or not wmap:
             raise CorruptFileError(f"{index}: key 'weight_map' is missing or empty; re-download the file")
         shards = sorted(set(wmap.values()))

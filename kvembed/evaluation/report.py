@@ -15,6 +15,8 @@ import json
 import platform
 from pathlib import Path
 
+from kvembed.files import read_json
+
 from .intervals import Interval, paired_interval
 from .runners import MethodRun, Table, type_averages
 from .tasks import TASK_TYPES
@@ -158,7 +160,7 @@ def combine_reports(stems: list[Path | str], out_dir: Path | str, name: str, tit
         if not md.is_file() or not js.is_file():
             raise FileNotFoundError(f"{stem}: no {md.name} and {js.name} to combine; run `kvembed eval --name "
                                     f"{stem.name}` first")
-        data = json.loads(js.read_text(encoding="utf-8"))
+        data = read_json(js, advice=f"run `kvembed eval --name {stem.name}` again")
         body = md.read_text(encoding="utf-8").split("\n", 1)[1]  # without its own title
         sections += [f"## Backbone: `{data['model']}` ({stem.name})", "", body.replace("\n## ", "\n### ").strip(), ""]
         parts.append({"report": stem.name, **data})

@@ -22,7 +22,7 @@ import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvembed.files import iter_lines
+from kvembed.files import iter_lines, read_json
 
 TASK_TYPES = ("sts", "classification", "clustering", "pair_classification", "reranking", "retrieval")
 
@@ -122,12 +122,7 @@ def load_spec(folder: Path) -> TaskSpec:
     meta_path = Path(folder) / "task.json"
     if not meta_path.is_file():
         raise TaskDataError(f"{meta_path}: no task.json; a task folder needs one (see the data README)")
-    try:
-        meta = json.loads(meta_path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise TaskDataError(f"{meta_path}: not valid JSON ({e}); fix the file") from None
-    if not isinstance(meta, dict):
-        raise TaskDataError(f"{meta_path}: expected a JSON object, got {type(meta).__name__}")
+    meta = read_json(meta_path, TaskDataError)
     for key in ("name", "type", "splits"):
         if key not in meta:
             raise TaskDataError(f"{meta_path}: key '{key}' is missing")

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvembed.files import atomic_write, sha256_bytes, sha256_file, tmp_name
+from kvembed.files import atomic_write, read_json, sha256_bytes, sha256_file, tmp_name
 from kvembed.scale.parts import finished_record, json_bytes, load_part, n_parts, part_range
 
 FORMAT = "kvembed-corpus/1"
@@ -43,7 +43,7 @@ def check_or_claim(outdir: Path, config: dict, *, write: bool) -> None:
     """Refuse if OUTDIR's run.json disagrees with `config`; if absent and `write`, create it."""
     path = outdir / "run.json"
     if path.is_file():
-        old = json.loads(path.read_text(encoding="utf-8"))
+        old = read_json(path, OutdirError, f"delete {outdir} (or use a new OUTDIR) to start over")
         diff = [k for k in KEY_FIELDS if old.get(k) != config.get(k)]
         if diff:
             lines = "\n".join(f"  {k}: OUTDIR has {old.get(k)!r}, this run has {config.get(k)!r}" for k in diff)
@@ -102,17 +102,19 @@ def read_manifest(outdir) -> dict:
             f"{path}: not found — the embedding run into {outdir} has not finished; rerun the same "
             "`kvembed embed-corpus` command to resume it"
         )
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = read_json(path, OutdirError, "rerun the same `kvembed embed-corpus` command to rebuild it")
     if manifest.get("format") != FORMAT or not manifest.get("complete"):
         raise OutdirError(f"{path}: not a complete {FORMAT} manifest (format={manifest.get('format')!r})")
     return manifest
 
 
-def intact(outdir: Path) -> bool:
-    """embeddings.npy and ids.json exist and match the sha256 that manifest.json recorded for them."""
+def intact(outdir: Path, key: str) -> bool:
+    """manifest.json is complete and of the run `key`, and embeddings.npy and ids.json match its sha256."""
     try:
         manifest = read_manifest(outdir)
-    except (OutdirError, ValueError):
+    except OutdirError:
+        return False
+    if manifest.get("run_key") != key:
         return False
     for entry in (manifest["embeddings"], manifest["ids"]):
         path = Path(outdir) / entry["file"]
