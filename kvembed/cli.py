@@ -77,8 +77,8 @@ def write_output(p: Path, vectors, texts: list[str], lines: list[int | None], id
 def add_embed_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("texts", nargs="*", help="texts to embed (or use --input)")
     p.add_argument("--input", default=None, help=".jsonl (see --field) or a text file with one text per line")
-    p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
-    p.add_argument("--id-field", default="id", help="JSONL field copied to .jsonl output as `id` (default: id)")
+    p.add_argument("--field", default=None, help="JSONL field holding the text (default: text)")
+    p.add_argument("--id-field", default=None, help="JSONL field copied to .jsonl output as `id` (default: id)")
     p.add_argument("--skip-bad-lines", action="store_true", help="leave unreadable lines out and report them")
     p.add_argument("--output", default=None, help="write embeddings to a .npy or .jsonl file (input order)")
     p.add_argument("--prompt-name", default="document", choices=("document", "query"))
@@ -89,11 +89,15 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_embed(args) -> int:
-    from .files import read_texts
+    from .files import is_jsonl, read_texts
 
     texts, lines, ids = list(args.texts), [None] * len(args.texts), [None] * len(args.texts)
     if args.input:
-        got = read_texts(args.input, args.field, skip_bad=args.skip_bad_lines, id_field=args.id_field)
+        given = [o for o, v in (("--field", args.field), ("--id-field", args.id_field)) if v is not None]
+        if given and not is_jsonl(args.input):
+            raise InputError(f"{' and '.join(given)}: for JSON lines input; {args.input} is read as a text file "
+                             "(one text per line), which has no fields. Leave them out, or use a .jsonl file")
+        got = read_texts(args.input, args.field or "text", skip_bad=args.skip_bad_lines, id_field=args.id_field or "id")
         if got.skipped:
             print(f"kvembed: skipped {len(got.skipped)} unreadable line(s) of {args.input}: "
                   f"{[n for n, _ in got.skipped][:20]}", file=sys.stderr)

@@ -152,6 +152,11 @@ def parse_jsonl_line(line: str, field_name: str) -> dict:
     return obj
 
 
+def is_jsonl(path: str | os.PathLike) -> bool:
+    """Whether `read_texts` reads `path` as JSON lines (its suffix, in any case); otherwise one text per line."""
+    return Path(path).suffix.lower() in JSONL_SUFFIXES
+
+
 def read_texts(path: str | os.PathLike, field_name: str = "text", *, skip_bad: bool = False,
                hint: str = "fix it or pass --skip-bad-lines", id_field: str | None = None) -> Texts:
     """Texts of a `.jsonl` file (the string `field_name` of each object) or a text file (one text per line).
@@ -162,11 +167,10 @@ def read_texts(path: str | os.PathLike, field_name: str = "text", *, skip_bad: b
     p = Path(path)
     if not p.is_file():
         raise TextFileError(f"input file {p} does not exist (or is not a file)")
-    suffix = p.suffix.lower()
-    if suffix == ".json":
+    if p.suffix.lower() == ".json":
         raise TextFileError(f"{p}: a .json file is not read as texts (an array is not one text per line); "
                             "write one JSON object per line to a .jsonl file, or one text per line to a .txt file")
-    jsonl = suffix in JSONL_SUFFIXES
+    jsonl = is_jsonl(p)
     out = Texts()
     for n, line in iter_lines(p):
         try:

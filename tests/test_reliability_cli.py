@@ -196,6 +196,21 @@ def test_a_json_array_file_is_refused_not_embedded_line_by_line(model, tmp_path,
     assert ".jsonl" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("option", ["--field", "--id-field"])
+def test_a_jsonl_option_on_a_text_file_is_refused_not_ignored(model, tmp_path, capsys, option):
+    src = tmp_path / "in.txt"
+    src.write_text('{"body": "one"}\n')
+    assert embed(model, "--input", str(src), option, "body") == cli.EXIT_INPUT
+    err = capsys.readouterr().err
+    assert f"{option}: for JSON lines input" in err and "in.txt is read as a text file" in err
+    out = tmp_path / "out.jsonl"  # the same option on a .jsonl input applies
+    src.rename(tmp_path / "in.jsonl")
+    ids = [] if option == "--field" else [option, "body"]
+    assert embed(model, "--input", str(tmp_path / "in.jsonl"), "--field", "body", *ids, "--output", str(out)) == 0
+    row = json.loads(out.read_text())
+    assert row["text"] == "one" and row.get("id") == ("one" if ids else None)
+
+
 @pytest.mark.parametrize("suffix", [".txt", ".jsonl"])
 def test_a_utf8_bom_is_not_part_of_the_first_text(model, tmp_path, suffix):
     line = json.dumps({"text": "first text"}) if suffix == ".jsonl" else "first text"
