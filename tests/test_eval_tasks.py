@@ -16,6 +16,7 @@ from kvembed.evaluation.mteb_tasks import build_task
 from kvembed.evaluation.runners import _rows, run_method, type_averages
 from kvembed.evaluation.tasks import (TASK_TYPES, TaskDataError, default_data_dir, list_tasks, load_retrieval,
                                       load_spec, load_split, sample_indices, select_tasks)
+from kvembed.switches import SwitchError
 
 DATA = default_data_dir()
 CHEAP = "stsb,amazon_counterfactual_en,bbc_news_clustering,brown_genres,mrpc,trecqa,cranfield"
@@ -127,6 +128,10 @@ def test_cli_parses_switches_and_method_specs():
         "kvembedding", {"bias": 2.0, "layers": (10, 11, 12), "rope_mode": "position0"})
     with pytest.raises(Exception, match="key=value"):
         cli_eval.parse_method("kvembedding:colour=blue")
+    with pytest.raises(SwitchError, match="layers is given twice"):  # not: the later silently wins
+        cli_eval.parse_method("kvembedding:layers=none:layers=all")
+    with pytest.raises(SwitchError, match=r"'kvembedding:bias=abc': bias: 'abc' is not a number"):
+        cli_eval.parse_method("kvembedding:bias=abc")  # the message names the switch
     import argparse
 
     p = argparse.ArgumentParser()

@@ -40,7 +40,12 @@ def parse_method(spec: str) -> tuple[str, dict]:
         key = key.strip().replace("-", "_")
         if not sep or key not in SWITCHES:
             raise SwitchError(f"method spec {spec!r}: '{p}' is not key=value with key in {', '.join(SWITCHES)}")
-        switches[key] = parse(key, value)
+        if key in switches:  # the later would silently win
+            raise SwitchError(f"method spec {spec!r}: {key} is given twice; give each switch once")
+        try:
+            switches[key] = parse(key, value)
+        except SwitchError as e:
+            raise SwitchError(f"method spec {spec!r}: {key}: {e}") from None
     if name != "lexical_bow":
         name = method_name(name)
         check(name, switches)
