@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from .files import read_json
@@ -110,9 +111,15 @@ def write_golden(embedder, outdir, texts=GOLDEN_TEXTS) -> Path:
 def check_golden(embedder, outdir) -> dict[str, float]:
     """Recompute and compare with a golden folder; returns {name: max error relative to the tensor's max}."""
     outdir = Path(outdir)
-    want = load_file(str(outdir / "golden.safetensors"))
-    desc = read_json(outdir / "golden.json", advice="restore it from the golden folder you were given")
-    got = golden_tensors(embedder, desc["texts"])
+    restore = "restore it from the golden folder you were given"
+    try:
+        want = load_file(str(outdir / "golden.safetensors"))
+    except SafetensorError as e:
+        raise ValueError(f"{outdir / 'golden.safetensors'}: not a readable safetensors file ({e}); {restore}") from None
+    texts = read_json(outdir / "golden.json", advice=restore).get("texts")
+    if not isinstance(texts, list) or not texts or not all(isinstance(t, str) for t in texts):
+        raise ValueError(f"{outdir / 'golden.json'}: 'texts' is not a non-empty list of strings; {restore}")
+    got = golden_tensors(embedder, texts)
     if set(got) != set(want):
         raise ValueError(f"golden tensors differ in names: missing {sorted(set(want) - set(got))[:5]}, "
                          f"extra {sorted(set(got) - set(want))[:5]}")

@@ -136,6 +136,20 @@ def test_golden_round_trip(emb, tmp_path):
     assert check_golden(bent, tmp_path)["embedding"] > MARGIN * batch_drift(emb, list(GOLDEN_TEXTS))
 
 
+@pytest.mark.parametrize("damage", ["json_cut", "texts_not_a_list", "safetensors_garbage"])
+def test_a_damaged_golden_folder_is_named_not_a_traceback(emb, tmp_path, damage):
+    write_golden(emb, tmp_path)
+    if damage == "json_cut":
+        (tmp_path / "golden.json").write_text('{"texts": ["a"')
+    elif damage == "texts_not_a_list":
+        (tmp_path / "golden.json").write_text('{"texts": 5}')
+    else:
+        (tmp_path / "golden.safetensors").write_bytes(b"garbage" * 10)
+    name = "golden.safetensors" if damage == "safetensors_garbage" else "golden.json"
+    with pytest.raises(ValueError, match=rf"{name}: .*restore it from the golden folder"):
+        check_golden(emb, tmp_path)
+
+
 def test_cli_embed_files_keep_order(folder, tmp_path, capsys):
     src = tmp_path / "in.jsonl"
     src.write_text("".join(json.dumps({"text": t}) + "\n" for t in TEXTS))
