@@ -183,6 +183,10 @@ class KVEmbeddingModule(InputModule):
 
     @classmethod
     def from_config(cls, config: dict, **overrides) -> "KVEmbeddingModule":
+        missing = [k for k in ("model", "method", "dtype", "max_seq_length", "switches") if k not in config]
+        if missing:
+            raise ValueError(f"{CONFIG_FILE} lacks {', '.join(missing)}: it was not written by kvembed, or was edited; "
+                             "save the model again with kvembed")
         options = dict(method=config["method"], dtype=config["dtype"], max_length=config["max_seq_length"],
                        truncate_dim=config.get("truncate_dim"), **config["switches"])
         options.update(overrides)

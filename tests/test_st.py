@@ -267,6 +267,12 @@ def test_load_overrides_and_refusals(st, tmp_path):
     assert m.max_seq_length == 100
     with pytest.raises(ValueError, match="backend"):
         KVEmbeddingModule.load(str(tmp_path / "m"), backend="onnx")
+    config_path = tmp_path / "m" / "kvembed_config.json"
+    config = json.loads(config_path.read_text())
+    del config["switches"]
+    config_path.write_text(json.dumps(config))
+    with pytest.raises(ValueError, match="kvembed_config.json lacks switches"):  # not a bare KeyError
+        KVEmbeddingModule.load(str(tmp_path / "m"))
 
 
 # --------------------------------------------------------------------------------- pickling and the pool
