@@ -91,12 +91,14 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
 def run_embed(args) -> int:
     from .files import is_jsonl, read_texts
 
+    given = [o for o, v in (("--field", args.field), ("--id-field", args.id_field)) if v is not None]
+    if given and not (args.input and is_jsonl(args.input)):
+        where = (f"{args.input} is read as a text file (one text per line), which has no fields" if args.input
+                 else "texts given as arguments have no fields")
+        raise InputError(f"{' and '.join(given)}: for JSON lines input; {where}. Leave them out, or use --input "
+                         "FILE.jsonl")
     texts, lines, ids = list(args.texts), [None] * len(args.texts), [None] * len(args.texts)
     if args.input:
-        given = [o for o, v in (("--field", args.field), ("--id-field", args.id_field)) if v is not None]
-        if given and not is_jsonl(args.input):
-            raise InputError(f"{' and '.join(given)}: for JSON lines input; {args.input} is read as a text file "
-                             "(one text per line), which has no fields. Leave them out, or use a .jsonl file")
         got = read_texts(args.input, args.field or "text", skip_bad=args.skip_bad_lines, id_field=args.id_field or "id")
         if got.skipped:
             print(f"kvembed: skipped {len(got.skipped)} unreadable line(s) of {args.input}: "

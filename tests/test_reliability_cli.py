@@ -203,6 +203,8 @@ def test_a_jsonl_option_on_a_text_file_is_refused_not_ignored(model, tmp_path, c
     assert embed(model, "--input", str(src), option, "body") == cli.EXIT_INPUT
     err = capsys.readouterr().err
     assert f"{option}: for JSON lines input" in err and "in.txt is read as a text file" in err
+    assert embed(model, "hello", option, "body") == cli.EXIT_INPUT  # texts as arguments have no fields either
+    assert "texts given as arguments have no fields" in capsys.readouterr().err
     out = tmp_path / "out.jsonl"  # the same option on a .jsonl input applies
     src.rename(tmp_path / "in.jsonl")
     ids = [] if option == "--field" else [option, "body"]
