@@ -13,7 +13,6 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 # The keys each RoPE scaling type reads ("default" is no scaling at all).
 ROPE_SCALING_KEYS = {"default": (), "linear": ("factor",),
                      "llama3": ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")}
-SUPPORTED_ROPE_TYPES = tuple(ROPE_SCALING_KEYS)
 
 
 class ConfigError(ValueError):
@@ -141,9 +140,9 @@ class ModelArgs:
 
 def _as(kind, key: str, value):
     """int()/float() of a config value, as a ConfigError naming the key."""
-    if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
-        raise ConfigError(f"config.json: {key}={value!r} is not a valid {kind.__name__}")
     try:
+        if isinstance(value, bool) or (kind is int and isinstance(value, float) and not value.is_integer()):
+            raise ValueError  # int() would quietly accept True or truncate 2.5
         return kind(value)
     except (TypeError, ValueError):
         raise ConfigError(f"config.json: {key}={value!r} is not a valid {kind.__name__}") from None
@@ -161,10 +160,10 @@ def _fold_rope(cfg: dict[str, Any]) -> tuple[float, dict | None]:
     if scaling is not None:
         # Old configs spell it "type"; "default" means no scaling at all.
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type not in SUPPORTED_ROPE_TYPES:
+        if rope_type not in ROPE_SCALING_KEYS:
             raise ConfigError(
                 f"config.json: rope_type={rope_type!r} is not supported; "
-                f"supported rope types are {', '.join(SUPPORTED_ROPE_TYPES)}"
+                f"supported rope types are {', '.join(ROPE_SCALING_KEYS)}"
             )
         need = ROPE_SCALING_KEYS[rope_type]
         missing = [k for k in need if scaling.get(k) is None]

@@ -87,7 +87,7 @@ def twonn(points: np.ndarray) -> float:
     log_mu = np.log(mu[:n_fit])
     y = -np.log1p(-np.arange(1, n_fit + 1) / n)
     denom = float(log_mu @ log_mu)
-    if n_fit < 1 or denom == 0.0:
+    if denom == 0.0:  # n >= 3, so n_fit >= 2
         raise ValueError(f"twonn: the fit is degenerate ({n} points after dropping duplicates, {n_fit} fitted, "
                          "all with mu = r2/r1 = 1); use more points")
     return float(log_mu @ y / denom)

@@ -144,10 +144,8 @@ def visible(T: int, device, *, causal: bool = True, window: int | None = None, k
                  finite, and a NaN in a pad row cannot reach a real row through the next layer.
     prefix       slot 0 is visible to every row; token t is then at index t + 1
     """
-    if window is not None and window >= T:
-        window = None
-    if causal:
-        key_padding = None
+    window = None if window is not None and window >= T else window
+    key_padding = None if causal else key_padding
     if window is None and key_padding is None:
         return None  # `is_causal` (or nothing) is exact, with or without a prefix in slot 0
     n = T + int(prefix)

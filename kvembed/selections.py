@@ -31,7 +31,6 @@ class CorpusError(ValueError):
 
 
 def shipped_selection(fingerprint: str) -> LayerSelection | None:
-    """The selection shipped for these weights (by fingerprint), or None."""
     shipped = [LayerSelection.from_dict(json.loads(p.read_text())) for p in sorted(SHIPPED_DIR.glob("*_layers.json"))]
     return next((s for s in shipped if s.fingerprint == fingerprint), None)
 
