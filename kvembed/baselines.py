@@ -1,9 +1,8 @@
 """The other training-free embedding methods (SPEC §2), on the same decoder, tokens and kernels.
 
-Each is a `Method` (method.py): an immutable value whose fields are its switches (switches.py), with
-`prepare` (text -> token views) and `embed` (padded views -> vectors). Notation as in model.py: B texts,
-T tokens (right-padded), C width, L layers. docs/baselines.md lists, for each, the authors' reference code and
-what we match: template, clean-up, special tokens, the tokens and the layer pooled.
+Each is a `Method` (method.py's contract). Notation as in model.py: B texts, T tokens (right-padded), C width,
+L layers. docs/baselines.md lists, for each, the authors' reference code and what we match: template, clean-up,
+special tokens, the tokens and the layer pooled.
 
     mean, last         raw text; mean / final-token pooling
     prompteol          Jiang et al. 2023: `This sentence : "{text}" means in one word:"`, final token
@@ -51,9 +50,7 @@ SHARED_MIN_TOKENS = 16
 
 def shared_length(input_ids: Tensor, attention_mask: Tensor) -> int:
     """How many first tokens every row has in common, leaving each row at least one token of its own."""
-    limit = int(attention_mask.sum(-1).min()) - 1
-    if limit <= 0:
-        return 0
+    limit = max(int(attention_mask.sum(-1).min()) - 1, 0)
     differs = (input_ids[:, :limit] != input_ids[:1, :limit]).any(0)  # (limit,)
     return int(differs.int().argmax()) if differs.any() else limit
 
@@ -268,9 +265,7 @@ TP_TEMPLATE = 'This sentence : <PST> "{text}" means in one word:"'
 
 @dataclass
 class Placed(Encoded):
-    """A token view with the placeholder's index."""
-
-    pst: int = 0
+    pst: int = 0  # the placeholder's token index
 
 
 @dataclass

@@ -308,24 +308,15 @@ class Method:
     normalize: bool = field(default=True, kw_only=True)
 
     def config(self) -> dict:
-        return {"method": self.name, **{f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}}
+        # JSON-ready (tuples become lists), so configs hash the same however they were made
+        values = {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+        return {"method": self.name, **{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}}
 
     def with_template(self, template: str) -> "Method":
         raise SwitchError(f"method {self.name!r} has fixed prompts; a per-call prompt cannot replace them")
 
-    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
-        raise NotImplementedError
-
-    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
-        raise NotImplementedError
-
     def _normalize(self, normalize: bool | None) -> bool:
         return self.normalize if normalize is None else normalize
-
-
-def _plain(value):
-    """A JSON-ready copy of a switch value (tuples become lists), so configs hash the same however they were made."""
-    return list(value) if isinstance(value, tuple) else value
 
 
 @dataclass(frozen=True)
@@ -355,8 +346,7 @@ class Templated(Method):
         set_field(self, "template", self.check_template(template or self.DEFAULT_TEMPLATE))
         set_field(self, "query_template",
                   self.check_template(query or self.DEFAULT_QUERY_TEMPLATE or self.template))
-        if hasattr(self, "pooling"):
-            check_choice(f"{self.name} pooling", self.pooling, self.POOLINGS)
+        check_choice(f"{self.name} pooling", self.pooling, self.POOLINGS)  # every templated method has one
 
     def check_template(self, template: str) -> str:
         return check_template(template)
