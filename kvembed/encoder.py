@@ -20,7 +20,7 @@ import hashlib
 import json
 import sys
 import threading
-import time
+import timeit
 import warnings
 from collections.abc import Iterator, Mapping, Sequence, Set
 from functools import partial
@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from .baselines import METHODS
 from .method import collate, resolve_layers
-from .switches import SwitchError, check, check_int
+from .switches import SwitchError, check, check_choice, check_int
 
 DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
           "float16": torch.float16, "fp16": torch.float16}
@@ -67,8 +67,6 @@ def repair_surrogates(text: str) -> str | None:
     Python strings can hold surrogates (JSON "\\ud800", files read with errors="surrogateescape"), but the
     tokenizer only takes valid Unicode and would fail on them; one bad text must not stop a long run.
     """
-    if text.isascii():
-        return None
     try:
         text.encode("utf-8")
         return None
@@ -103,10 +101,7 @@ def check_device(device) -> torch.device:
 
 
 def method_name(name: str) -> str:
-    name = METHOD_ALIASES.get(name, name)
-    if name not in METHODS:
-        raise SwitchError(f"method={name!r}: choose one of {', '.join(METHODS)}")
-    return name
+    return check_choice("method", METHOD_ALIASES.get(name, name), METHODS)
 
 
 def low_precision_slowdown(dtype: torch.dtype, device: torch.device) -> float | None:
@@ -115,15 +110,12 @@ def low_precision_slowdown(dtype: torch.dtype, device: torch.device) -> float | 
     if dtype == torch.float32 or torch.device(device).type != "cpu":
         return None
     a, b = torch.randn(512, 1024), torch.randn(1024, 1024)
-    times = {}
+    times = []
     for dt in (torch.float32, dtype):
         x, y = a.to(dt), b.to(dt)
         x @ y  # warm-up
-        t0 = time.perf_counter()
-        for _ in range(3):
-            x @ y
-        times[dt] = time.perf_counter() - t0
-    return times[dtype] / times[torch.float32]
+        times.append(timeit.timeit(lambda: x @ y, number=3))
+    return times[1] / times[0]
 
 
 def as_texts(inputs) -> tuple[list | Iterator, bool]:
@@ -131,8 +123,6 @@ def as_texts(inputs) -> tuple[list | Iterator, bool]:
     if isinstance(inputs, str):
         return [inputs], True
     kind = type(inputs).__name__
-    if inputs is None or isinstance(inputs, (bytes, bytearray)):
-        raise TypeError(f"inputs must be a string or an ordered sequence of strings, got {kind}")
     if isinstance(inputs, Mapping) or hasattr(inputs, "columns"):
         raise TypeError(f"inputs is a {kind}: encoding it would embed its keys or column names, not its texts; "
                         "pass the texts themselves, e.g. list(d.values()) or df['text'].tolist()")
@@ -144,7 +134,7 @@ def as_texts(inputs) -> tuple[list | Iterator, bool]:
         if ndim != 1:
             raise TypeError(f"inputs is a {ndim}-D {kind}; pass a 1-D array or list of strings")
         return list(inputs.tolist() if hasattr(inputs, "tolist") else inputs), False
-    if isinstance(inputs, Sequence):
+    if isinstance(inputs, Sequence) and not isinstance(inputs, (bytes, bytearray)):
         return list(inputs), False
     if isinstance(inputs, Iterator):
         return inputs, False  # a generator: read chunk by chunk, never all at once
@@ -301,8 +291,7 @@ class KVEmbedder:
         method, name = self._method_for(prompt_name, prompt)
         texts, single = as_texts(inputs)
 
-        if device is not None:
-            device = check_device(device)
+        device = None if device is None else check_device(device)
         with self._lock:
             if device is not None and device != self.device:
                 self.model.to(device)
@@ -319,8 +308,7 @@ class KVEmbedder:
                 raise TruncationError(msg + "; pass on_truncation='warn' to accept, or raise max_length")
             if on_truncation == "warn":
                 warnings.warn(msg, TruncationWarning, stacklevel=2)
-        if dim:
-            out = out[:, :dim]
+        out = out[:, :dim]  # dim None: every dimension
         if normalize:
             out = F.normalize(out, dim=-1)
         if precision != "float32":
@@ -385,10 +373,7 @@ class KVEmbedder:
         repaired: list[int] = []
         bar = None
         start = 0
-        while True:
-            chunk = list(islice(it, chunk_size))
-            if not chunk:
-                break
+        for chunk in iter(lambda: list(islice(it, chunk_size)), []):  # stops when islice gives []
             for i, t in enumerate(chunk):
                 if not isinstance(t, str):
                     raise TypeError(f"inputs[{start + i}] is {type(t).__name__}, not str; every item must be a string")

@@ -49,8 +49,7 @@ CONFIG_FILE = "kvembed_config.json"
 
 
 class KVEmbeddingModule(InputModule):
-    """The first (and main) module of a kvembed SentenceTransformer: the frozen decoder, its tokenizer and one
-    method (KV-Embedding or a baseline), with the method's `prepare` as `preprocess` and its `embed` as `forward`.
+    """The first module of a kvembed SentenceTransformer: the frozen decoder, its tokenizer and one method.
 
     `features["views"]` holds each text's token views (a list, so `batch_to_device` leaves it alone: MetaEOL has
     eight views per text, Token Prepending a placeholder index); `forward` pads them on the decoder's device.
@@ -69,9 +68,8 @@ class KVEmbeddingModule(InputModule):
         # The embedder's own truncate_dim is applied here, before sentence-transformers' Normalize, so the vector
         # is cut first and normalised after, as KVEmbedder does (sentence-transformers' truncate_dim cuts after).
         self.truncate_dim = embedder.truncate_dim
-        # What `save` writes so that loading finds the same weights: from_pretrained's argument (a path made
-        # absolute, a named model or hub id as given; None = the default model), or `model` when given (e.g. the
-        # hub id of a folder you downloaded). The weights' fingerprint is saved too and checked on load.
+        # What `save` writes so that loading finds the same weights: the embedder's name_or_path, or `model` when
+        # given (e.g. the hub id of a folder you downloaded). The weights' fingerprint is saved too, checked on load.
         self.name_or_path = embedder.name_or_path if model is None else model
         self.weights_fingerprint = embedder.loaded.fingerprint
         self.compiled = embedder.compiled
@@ -136,8 +134,7 @@ class KVEmbeddingModule(InputModule):
         method = features.get("method", self.method)
         collate_fn = partial(bucket_collate, device=next(self.decoder.parameters()).device, compiled=self.compiled)
         e = method.embed(self._forward_model(), features["views"], collate_fn, normalize=False).float()  # (B, C)
-        if self.truncate_dim:
-            e = e[:, :self.truncate_dim]
+        e = e[:, :self.truncate_dim]  # None: every dimension
         bad = ~torch.isfinite(e).all(-1)
         if bad.any():
             raise FloatingPointError(f"non-finite embedding (NaN or inf) for {int(bad.sum())} text(s) of this batch; "
@@ -153,9 +150,7 @@ class KVEmbeddingModule(InputModule):
     # ------------------------------------------------------------------------------ pickling (the pool)
 
     def __getstate__(self):
-        state = dict(self.__dict__)
-        state["_compiled_model"] = None  # a compiled graph does not travel; it is rebuilt on first use
-        return state
+        return {**self.__dict__, "_compiled_model": None}  # a compiled graph does not travel; rebuilt on first use
 
     def __setstate__(self, state):
         super().__setstate__(state)
@@ -165,7 +160,6 @@ class KVEmbeddingModule(InputModule):
     # ------------------------------------------------------------------------------ save / load
 
     def save(self, output_path: str, *args, safe_serialization: bool = True, **kwargs) -> None:
-        """kvembed_config.json only: the weights and tokenizer come back through KVEmbedder.from_pretrained."""
         self.save_config(output_path)
 
     @classmethod
@@ -188,8 +182,7 @@ class KVEmbeddingModule(InputModule):
             raise ValueError(f"{CONFIG_FILE} lacks {', '.join(missing)}: it was not written by kvembed, or was edited; "
                              "save the model again with kvembed")
         options = dict(method=config["method"], dtype=config["dtype"], max_length=config["max_seq_length"],
-                       truncate_dim=config.get("truncate_dim"), **config["switches"])
-        options.update(overrides)
+                       truncate_dim=config.get("truncate_dim"), **config["switches"]) | overrides
         embedder = KVEmbedder.from_pretrained(config["model"], **options)
         saved = config.get("weights_fingerprint")
         if saved and saved != embedder.loaded.fingerprint:
