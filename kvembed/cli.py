@@ -14,14 +14,16 @@ Exit codes (every subcommand):
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import shlex
 import sys
 from pathlib import Path
 
-from .cli_options import (NAMED_MODELS_HELP, add_model_options, embedder_from_args, join_negative_values,
-                          positive_int)
+from .cli_options import (DTYPE_CHOICES, NAMED_MODELS_HELP, add_model_options, embedder_from_args,
+                          join_negative_values, positive_int)
+from .files import atomic_output, atomic_write, is_jsonl, read_texts
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_EMBED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
 OUTPUT_SUFFIXES = (".npy", ".jsonl", ".ndjson")
@@ -57,8 +59,6 @@ def check_output(path: str, src: str | None) -> Path:
 def write_output(p: Path, vectors, texts: list[str], lines: list[int | None], ids: list) -> None:
     import numpy as np
 
-    from .files import atomic_output
-
     try:
         if p.suffix.lower() == ".npy":
             with atomic_output(p) as f:
@@ -89,8 +89,6 @@ def add_embed_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def run_embed(args) -> int:
-    from .files import is_jsonl, read_texts
-
     given = [o for o, v in (("--field", args.field), ("--id-field", args.id_field)) if v is not None]
     if given and not (args.input and is_jsonl(args.input)):
         where = (f"{args.input} is read as a text file (one text per line), which has no fields" if args.input
@@ -139,18 +137,16 @@ def add_select_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default=None,
                    help='prompt the texts are wrapped in: default the document template, "none" for the raw '
                         "text, or any string with a {text} slot")
-    p.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"))
+    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", default=None, help="where selections are cached (default: <cache root>/layer_select)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the selection as JSON")
 
 
 def run_select(args) -> int:
-    """`kvembed select-layers`: print the ID curve and the selected layers."""
     import weights_loader
 
     from .encoder import as_dtype, check_device
-    from .files import atomic_write
     from .layer_select import format_curve
     from .method import DOCUMENT_TEMPLATE, RAW_TEMPLATE, check_template
     from .selections import cached_selection, read_corpus, shipped_selection
@@ -205,8 +201,6 @@ BENCHES = ("forward", "attention", "memory", "baselines", "scale")
 
 
 def run_bench(args) -> int:
-    import importlib
-
     return int(importlib.import_module(f"kvembed.bench.{args.which}").main(args.rest) or 0)
 
 
@@ -234,7 +228,7 @@ def build_parser() -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=helptext)
         add(p)
         p.set_defaults(func=run)
-    p = sub.add_parser("bench", help="run a benchmark (forward, attention, memory, baselines, scale); results under ./bench/results")
+    p = sub.add_parser("bench", help=f"run a benchmark ({', '.join(BENCHES)}); results under ./bench/results")
     p.add_argument("which", choices=BENCHES)
     p.add_argument("rest", nargs=argparse.REMAINDER, help="arguments for the benchmark (e.g. --quick)")
     p.set_defaults(func=run_bench)

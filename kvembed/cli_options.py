@@ -33,20 +33,18 @@ def switch_type(name: str):
         except SwitchError as e:
             raise argparse.ArgumentTypeError(str(e)) from None
 
-    convert.__name__ = name  # argparse names the type in its error message
     return convert
 
 
 def add_switch_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("method switches (SPEC §1 and §2; omitted = the method's own default)")
     for sw in SWITCHES.values():
-        flag = "--" + sw.name.replace("_", "-")
         helptext = f"{sw.help} [{', '.join(sw.methods) if len(sw.methods) < 8 else 'every method'}]"
         # Booleans take a value (--normalize false): a bare flag would turn "--normalize False" into a flag plus
         # a text to embed.
         metavar = "{true,false}" if sw.choices == (True, False) else sw.name.upper() if sw.choices is None else None
-        g.add_argument(flag, type=switch_type(sw.name), default=None, help=helptext, choices=sw.choices,
-                       metavar=metavar)
+        g.add_argument("--" + sw.name.replace("_", "-"), type=switch_type(sw.name), default=None, help=helptext,
+                       choices=sw.choices, metavar=metavar)
 
 
 def add_model_options(p: argparse.ArgumentParser, *, device: str = "cpu") -> None:
@@ -77,15 +75,12 @@ def embedder_from_args(args, device: str | None = None):
                                       **switches_from_args(args))
 
 
-_NEGATIVE_WORD = re.compile(r"^-(inf|infinity)$", re.IGNORECASE)
-
-
 def join_negative_values(argv: list[str]) -> list[str]:
     """`--bias -inf` as `--bias=-inf`: argparse would read '-inf' as an unknown option, yet -inf is a documented
     bias value (no prefix). Plain negative numbers (-2) argparse already takes."""
     out = []
     for a in argv:
-        if out and _NEGATIVE_WORD.match(a) and out[-1].startswith("--") and "=" not in out[-1]:
+        if out and re.match(r"^-(inf|infinity)$", a, re.IGNORECASE) and out[-1].startswith("--") and "=" not in out[-1]:
             out[-1] = f"{out[-1]}={a}"
         else:
             out.append(a)

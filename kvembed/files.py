@@ -18,6 +18,7 @@ embeds like any other); in JSON lines a blank line holds no object and is skippe
 
 from __future__ import annotations
 
+import codecs
 import contextlib
 import hashlib
 import json
@@ -27,8 +28,6 @@ from pathlib import Path
 
 CACHE_ENV = "KVEMBED_CACHE"
 TMP_MARK = ".tmp-"
-BOM = "\ufeff"
-JSONL_SUFFIXES = (".jsonl", ".ndjson")
 
 
 class TextFileError(ValueError):
@@ -85,7 +84,6 @@ def atomic_output(path: str | os.PathLike, mode: str = "wb", *, fsync: bool = Tr
 
 
 def atomic_write(path: str | os.PathLike, data: bytes | str, *, fsync: bool = True) -> None:
-    """Write `data` to `path` so that `path` is either absent, old, or complete — never partial."""
     if isinstance(data, str):
         data = data.encode("utf-8")
     with atomic_output(path, "wb", fsync=fsync) as f:
@@ -108,15 +106,11 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, advi
 
 
 def iter_lines(path: str | os.PathLike):
-    """(line number from 1, decoded line without its end) for every line of `path`; raw bytes on bad UTF-8.
-
-    A lone `\\r` ends a line like `\\n` (old Mac files would otherwise be one giant text), and a BOM at the
-    start of the file is not part of the first line.
-    """
-    with open(path, "rb") as f:
-        data = f.read()
-    data = data.removeprefix(BOM.encode("utf-8"))
-    # Split on \r\n, \r and \n only: str.splitlines would also split on \x0b, \x1c, U+2028 ... inside texts.
+    """(line number from 1, the line without its end, or its UnicodeDecodeError if it is not UTF-8) for every
+    line of `path`, by the reading rules above."""
+    data = Path(path).read_bytes().removeprefix(codecs.BOM_UTF8)
+    # Split on \r\n, \r and \n only: a lone \r ends a line (old Mac files would otherwise be one giant text), and
+    # str.splitlines would also split on \x0b, \x1c, U+2028 ... inside texts.
     lines = data.replace(b"\r\n", b"\n").replace(b"\r", b"\n").split(b"\n")
     if lines and lines[-1] == b"":
         lines.pop()  # the newline that ends the last line does not start another
@@ -139,22 +133,9 @@ class Texts:
     ids: list = field(default_factory=list)
 
 
-def parse_jsonl_line(line: str, field_name: str) -> dict:
-    """One JSON-lines object whose `field_name` is a string, or ValueError saying what is wrong."""
-    obj = json.loads(line)
-    if not isinstance(obj, dict):
-        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-    if field_name not in obj:
-        raise ValueError(f"no {field_name!r} field (fields: {sorted(obj)[:8]})")
-    text = obj[field_name]
-    if not isinstance(text, str):
-        raise ValueError(f"{field_name!r} is {type(text).__name__}, not a string")
-    return obj
-
-
 def is_jsonl(path: str | os.PathLike) -> bool:
     """Whether `read_texts` reads `path` as JSON lines (its suffix, in any case); otherwise one text per line."""
-    return Path(path).suffix.lower() in JSONL_SUFFIXES
+    return Path(path).suffix.lower() in (".jsonl", ".ndjson")
 
 
 def read_texts(path: str | os.PathLike, field_name: str = "text", *, skip_bad: bool = False,
@@ -178,7 +159,13 @@ def read_texts(path: str | os.PathLike, field_name: str = "text", *, skip_bad: b
                 raise ValueError(f"invalid UTF-8 ({line.reason} at byte {line.start})")
             if jsonl and not line.strip():
                 continue
-            obj = parse_jsonl_line(line, field_name) if jsonl else {field_name: line}
+            obj = json.loads(line) if jsonl else {field_name: line}
+            if not isinstance(obj, dict):
+                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+            if field_name not in obj:
+                raise ValueError(f"no {field_name!r} field (fields: {sorted(obj)[:8]})")
+            if not isinstance(obj[field_name], str):
+                raise ValueError(f"{field_name!r} is {type(obj[field_name]).__name__}, not a string")
         except ValueError as e:  # json.JSONDecodeError is a ValueError
             if not skip_bad:
                 raise TextFileError(f"{p}:{n}: unreadable line ({e}); {hint}") from None

@@ -52,14 +52,14 @@ class RecordingReRouting(ReRouting):
         return p
 
 
-def golden_tensors(embedder, texts=GOLDEN_TEXTS, prompt_name: str | None = None) -> dict[str, torch.Tensor]:
+def golden_tensors(embedder, texts) -> dict[str, torch.Tensor]:
     """Run KV-Embedding on `texts` and return every intermediate (fp32, CPU, contiguous)."""
     method = embedder.method
     if method.name != "kvembedding":
         raise ValueError(f"golden vectors are defined for kvembedding, not {method.name!r}")
     if method.passes != 1:
         raise ValueError("golden vectors are written for passes=1 (the default)")
-    views = [method.prepare(embedder.tokenizer, t, prompt_name, embedder.max_seq_length)[0] for t in texts]
+    views = [method.prepare(embedder.tokenizer, t, None, embedder.max_seq_length)[0] for t in texts]
     batch = collate([v.ids for v in views], embedder.device)
     model = embedder.model
     plan = RecordingReRouting(frozenset(method.layers), method.bias, method.rope_mode, batch.last)
@@ -132,18 +132,10 @@ def check_golden(embedder, outdir) -> dict[str, float]:
         if not w.is_floating_point():
             errs[k] = float((g != w).any())
             continue
-        keep = real_positions(w, real)
-        g, w = g.double()[keep], w.double()[keep]
+        g, w = g.double(), w.double()
+        if w.dim() in (3, 4) and w.shape[-2] == real.shape[1]:
+            # (B, T, C) or (B, H, T, D): real tokens only; prefix slots and embeddings are compared whole
+            keep = (real[:, None, :, None] if w.dim() == 4 else real[:, :, None]).expand_as(w)
+            g, w = g[keep], w[keep]
         errs[k] = ((g - w).abs().max() / w.abs().max().clamp_min(1e-12)).item()
     return errs
-
-
-def real_positions(t: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
-    """A bool mask over `t` selecting real-token positions: (B, T, C) or (B, H, T, D) tensors are cut to the
-    rows' real tokens; anything else (prefix slots, embeddings) is kept whole."""
-    B, T = real.shape
-    if t.dim() == 3 and t.shape[:2] == (B, T):
-        return real[:, :, None].expand_as(t)
-    if t.dim() == 4 and t.shape[0] == B and t.shape[2] == T:
-        return real[:, None, :, None].expand_as(t)
-    return torch.ones_like(t, dtype=torch.bool)

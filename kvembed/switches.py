@@ -33,11 +33,13 @@ from typing import Any, Callable
 
 ALL_METHODS = ("kvembedding", "mean", "last", "prompteol", "metaeol", "echo", "token_prepending", "bidirectional")
 TEMPLATED = tuple(m for m in ALL_METHODS if m != "metaeol")
-CLEANED = ("prompteol", "metaeol", "token_prepending")
 
 ROPE_MODES = ("rotated", "position0", "unrotated")
 POOLINGS = ("hybrid", "mean", "last", "text")
 LAYER_WORDS = ("auto", "none", "all")
+# Named templates: `none` is the raw text and `kvembedding` KV-Embedding's two prompts, for every templated
+# method; echo also knows its two template sets, `paper` and `repo`.
+TEMPLATE_WORDS = ("none", "kvembedding", "paper", "repo")
 
 
 class SwitchError(ValueError):
@@ -96,15 +98,6 @@ def check_template(name: str, value) -> str:
     return value
 
 
-def check_exit_layer(name: str, value):
-    return "final" if value == "final" else check_int(name, value)
-
-
-# Named templates: `none` is the raw text and `kvembedding` KV-Embedding's two prompts, for every templated
-# method; echo also knows its two template sets, `paper` and `repo`.
-TEMPLATE_WORDS = ("none", "kvembedding", "paper", "repo")
-
-
 # ------------------------------------------------------------------------------------ string parsers
 
 
@@ -117,18 +110,18 @@ def parse_bool(text: str) -> bool:
     raise SwitchError(f"{text!r} is not a boolean: use true or false")
 
 
-def parse_float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise SwitchError(f"{text!r} is not a number (e.g. 1.0, -2, -inf)") from None
+def number_parser(convert: Callable[[str], Any], what: str) -> Callable[[str], Any]:
+    def parse_number(text: str):
+        try:
+            return convert(text)
+        except ValueError:
+            raise SwitchError(f"{text!r} is not {what}") from None
+
+    return parse_number
 
 
-def parse_int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise SwitchError(f"{text!r} is not an integer") from None
+parse_float = number_parser(float, "a number (e.g. 1.0, -2, -inf)")
+parse_int = number_parser(int, "an integer")
 
 
 def parse_layers(text: str):
@@ -149,10 +142,6 @@ def parse_layers(text: str):
     if not out:
         raise SwitchError(f"layers {text!r}: no layer index given")
     return out
-
-
-def parse_exit_layer(text: str):
-    return "final" if text.strip().lower() in ("final", "none") else parse_int(text)
 
 
 # ------------------------------------------------------------------------------------------ the table
@@ -193,9 +182,11 @@ SWITCHES: dict[str, Switch] = {s.name: s for s in (
            "'repo'; default: the method's own"),
     Switch("query_template", TEMPLATED, str, check_template, None, None,
            "prompt for queries (prompt_name='query'); default: the method's"),
-    Switch("cleanup", CLEANED, parse_bool, check_bool, (True, False), True,
+    Switch("cleanup", ("prompteol", "metaeol", "token_prepending"), parse_bool, check_bool, (True, False), True,
            "the authors' text clean-up before filling the prompt: final '.', '\"' -> \"'\", final '?' -> '.'"),
-    Switch("exit_layer", ("token_prepending",), parse_exit_layer, check_exit_layer, None, -2,
+    Switch("exit_layer", ("token_prepending",),
+           lambda t: "final" if t.strip().lower() in ("final", "none") else parse_int(t),
+           lambda n, v: "final" if v == "final" else check_int(n, v), None, -2,
            "layer whose raw output is pooled (python index, -2 = second to last), or 'final' for the final norm"),
     Switch("prepend_layers", ("token_prepending",), parse_int, lambda n, v: check_int(n, v, minimum=1), None, 6,
            "k: the placeholder takes the previous layer's final-token state before layers 1..k"),
@@ -222,7 +213,5 @@ def check(method: str, switches: dict) -> dict:
 
 
 def parse(name: str, text: str):
-    """A switch value from a string, as typed on a command line or in an eval spec."""
-    if name not in SWITCHES:
-        raise SwitchError(f"unknown switch {name!r}; the switches are {', '.join(SWITCHES)}")
+    """A known switch's value from a string, as typed on a command line or in an eval spec."""
     return SWITCHES[name].check(name, SWITCHES[name].parse(text))
