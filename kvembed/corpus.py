@@ -48,22 +48,13 @@ def barrier() -> None:
         dist.barrier(device_ids=[torch.cuda.current_device()] if dist.get_backend() == "nccl" else None)
 
 
-def all_gather(obj) -> list:
-    if not dist.is_initialized():
-        return [obj]
-    out = [None] * dist.get_world_size()
-    dist.all_gather_object(out, obj)
-    return out
-
-
-def launch_context(device: str) -> tuple[int, int, str]:
-    """(rank, world, device) from torchrun's environment; starts the process group when world > 1."""
+def launch_context(device: str) -> tuple[int, str]:
+    """(world, device) from torchrun's environment; starts the process group when world > 1."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda":
-        device = f"cuda:{local_rank}"  # one GPU per local process
+        device = f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}"  # one GPU per local process
     if world > 1 and not dist.is_initialized():
         timeout = datetime.timedelta(minutes=float(os.environ.get("KVEMBED_DIST_TIMEOUT_MIN", "720")))
         if device.startswith("cuda"):
@@ -71,28 +62,25 @@ def launch_context(device: str) -> tuple[int, int, str]:
             dist.init_process_group("nccl", timeout=timeout, device_id=torch.device(device))
         else:
             dist.init_process_group("gloo", timeout=timeout)
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    return rank, world, device
+    return world, device
 
 
 # ---------------------------------------------------------------------------------------------------
 # Embedding one part
 
 
-def text_lengths(embedder, texts: list[str]) -> np.ndarray:
-    """Token counts where the embedder exposes a `tokenizers` tokenizer, else characters: only the sort uses it."""
-    tok = getattr(embedder, "tokenizer", None)
-    if hasattr(tok, "encode_batch"):
-        return np.array([len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)], dtype=np.int64)
-    return np.array([len(t) for t in texts], dtype=np.int64)
-
-
 def embed_part(embedder, texts: list[str], *, batch_size: int, prompt_name: str,
                on_batch=None) -> tuple[np.ndarray, int]:
-    """(float32 (len(texts), dim) in the order of `texts`, number of texts cut to max_length). Batches are cut from the part's texts sorted by
-    length (longest first, so an out-of-memory shows at once), ties in input order: a pure function of
-    the part, whichever rank runs it."""
-    order = np.argsort(-text_lengths(embedder, texts), kind="stable")
+    """(float32 (len(texts), dim) in the order of `texts`, number of texts cut to max_length). Batches are cut
+    from the part's texts sorted by length (longest first, so an out-of-memory shows at once), ties in input
+    order: a pure function of the part, whichever rank runs it. Length is in tokens where the embedder exposes
+    a `tokenizers` tokenizer, else in characters: only the sort uses it."""
+    tok = getattr(embedder, "tokenizer", None)
+    if hasattr(tok, "encode_batch"):
+        lengths = [len(e.ids) for e in tok.encode_batch(texts, add_special_tokens=False)]
+    else:
+        lengths = [len(t) for t in texts]
+    order = np.argsort(-np.array(lengths, dtype=np.int64), kind="stable")
     out, truncated = None, 0
     for s in range(0, len(texts), batch_size):
         idx = order[s : s + batch_size]
@@ -174,7 +162,7 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
     if rank == 0:
         stale = remove_stale_tmp(outdir)
         if stale:
-            say(f"[rank 0] removed {len(stale)} unfinished temporary file(s) of an interrupted run")
+            say(f"[rank 0] removed {stale} unfinished temporary file(s) of an interrupted run")
     barrier()
     t_setup = time.monotonic()
 
@@ -190,7 +178,7 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
         return len(seen), sum(seen.values())
 
     progress = Progress(rank, world_size, rows_todo, total_rows=n_rows, total_parts=total_parts,
-                        done_on_disk=done_on_disk if rank == 0 else None, every=log_every, quiet=quiet, out=log)
+                        done_on_disk=done_on_disk if rank == 0 else None, every=log_every, out=None if quiet else log)
     say(f"[rank {rank}/{world_size}] {n_rows} rows in {total_parts} parts of {part_size}; mine: {len(mine)}, "
         f"{len(mine) - len(todo)} already finished, {len(todo)} to compute ({rows_todo} rows)")
     for k in todo:
@@ -206,35 +194,35 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
                   "rows_computed": rows_todo, "embed_seconds": round(embed_s, 3),
                   "texts_per_s": round(rows_todo / embed_s, 2) if embed_s > 0 else 0.0}
     barrier()
-    ranks = all_gather(mine_stats)
+    ranks = [mine_stats]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine_stats)
     wall_embed = time.monotonic() - t_setup
     if not finalize:
         return mine_stats
 
     t_asm = time.monotonic()
-    manifest_path = outdir / "manifest.json"
     # A rerun that computed nothing over a committed, intact manifest of this run has nothing to assemble; the
     # final files are checked against their recorded sha256 first, so a damaged one is rebuilt from the parts.
-    reuse = not any(r["parts_computed"] for r in ranks) and manifest_path.is_file()
+    reuse = not any(r["parts_computed"] for r in ranks) and (outdir / "manifest.json").is_file()
     already = reuse and intact(outdir, key)
     if reuse and not already:
         say(f"[rank 0] {outdir}: manifest.json is damaged or embeddings.npy or ids.json does not match it; "
             "rebuilding them from the verified parts")
     manifest = read_manifest(outdir) if already else assemble(outdir, config, n_rows)
-    computed = sum(r["rows_computed"] for r in ranks)
+    totals = {f: sum(r[f] for r in ranks) for f in ("parts_computed", "parts_skipped", "rows_computed")}
     summary = {
-        "rows": n_rows, "parts": total_parts, "world_size": world_size,
-        "parts_computed": sum(r["parts_computed"] for r in ranks),
-        "parts_skipped": sum(r["parts_skipped"] for r in ranks),
-        "rows_computed": computed, "skipped_lines": len(index.skipped), "truncated": manifest["truncated"],
+        "rows": n_rows, "parts": total_parts, "world_size": world_size, **totals,
+        "skipped_lines": len(index.skipped), "truncated": manifest["truncated"],
         "setup_seconds": round(t_setup - t0, 3), "embed_seconds": round(wall_embed, 3),
         "assemble_seconds": round(time.monotonic() - t_asm, 3),
-        "texts_per_s": round(computed / wall_embed, 2) if wall_embed > 0 else 0.0,
+        "texts_per_s": round(totals["rows_computed"] / wall_embed, 2) if wall_embed > 0 else 0.0,
         "assembled": not already, "ranks": ranks,
     }
     (outdir / "summary.json").write_bytes(json_bytes(summary))  # a log of the last run, not output
     say(f"[done] {n_rows} rows, dim {config['dim']}: computed {summary['parts_computed']} parts "
-        f"({computed} rows), reused {summary['parts_skipped']}, skipped {len(index.skipped)} bad lines, "
+        f"({totals['rows_computed']} rows), reused {summary['parts_skipped']}, skipped {len(index.skipped)} bad lines, "
         f"{manifest['truncated']} texts cut to max_length; "
         f"{summary['texts_per_s']} texts/s over {world_size} rank(s) in {fmt_seconds(wall_embed)} -> {outdir}")
     for r in ranks:
@@ -264,14 +252,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args) -> int:
     switches = switches_from_args(args)
-    rank, world, device = launch_context(args.device)
+    world, device = launch_context(args.device)
     try:
         embedder = embedder_from_args(args, device=device)
         embed_corpus(args.input, args.outdir, embedder, method={"model": args.model, "method": args.method,
                      "switches": switches}, dtype=args.dtype, prompt_name=args.prompt_name,
                      part_size=args.part_size, batch_size=args.batch_size, id_field=args.id_field,
-                     text_field=args.text_field, skip_bad_lines=args.skip_bad_lines, rank=rank, world_size=world,
-                     log_every=args.log_every, quiet=args.quiet)
+                     text_field=args.text_field, skip_bad_lines=args.skip_bad_lines, log_every=args.log_every,
+                     quiet=args.quiet)
         # Leave together: a rank that tears gloo down while rank 0 is still assembling can abort in gloo's
         # worker threads at interpreter exit (SIGABRT after "[done]"), failing a job that did all its work.
         barrier()
@@ -279,22 +267,14 @@ def run(args) -> int:
         if dist.is_initialized():  # on every exit path (success, error, Ctrl-C), while Python is fully alive
             dist.destroy_process_group()
     if world > 1:
-        leave_now(0)
-    return 0
-
-
-def leave_now(code: int) -> None:
-    """End a torchrun worker whose work is done and written, skipping interpreter teardown.
-
-    Even after `destroy_process_group`, a gloo rank could still die with SIGABRT ("terminate called without an
-    active exception") while the interpreter and C++ statics were torn down, after every output file was
-    complete (seen once in 32 two-rank launches on a busy 2-core machine). Nothing is left to do at that point
-    (every output file is closed and renamed into place; the group is destroyed), so the worker flushes its
-    Python streams, the only buffers `os._exit` would lose, and exits at once.
-    """
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+        # Even after `destroy_process_group`, a gloo rank could still die with SIGABRT ("terminate called without
+        # an active exception") while the interpreter and C++ statics were torn down, after every output file was
+        # complete (seen once in 32 two-rank launches on a busy 2-core machine). Every output file is closed and
+        # renamed into place and the group is destroyed, so the worker flushes its Python streams, the only
+        # buffers `os._exit` would lose, and exits at once, skipping interpreter teardown.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 def main(argv=None) -> int:

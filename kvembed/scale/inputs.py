@@ -25,11 +25,9 @@ class InputError(ValueError):
 
 @dataclass(frozen=True)
 class InputIndex:
-    # The JSONL file.
     path: Path
     # Field holding each row's id (missing -> the row's line number).
     id_field: str
-    # Field holding each row's text.
     text_field: str
     # (N,) int64: byte offset where row i's line starts.
     offsets: np.ndarray
@@ -124,11 +122,9 @@ def find_duplicates(index: InputIndex, keys: np.ndarray) -> dict:
 
 def read_rows(index: InputIndex, start: int, end: int) -> tuple[list, list[str]]:
     """ids and texts of rows [start, end), read from the file by offset."""
-    ids, texts = [], []
+    rows = []
     with open(index.path, "rb") as f:
         for row in range(start, end):
             f.seek(int(index.offsets[row]))
-            rid, text = parse_line(f.readline(), int(index.line_numbers[row]), index.id_field, index.text_field)
-            ids.append(rid)
-            texts.append(text)
-    return ids, texts
+            rows.append(parse_line(f.readline(), int(index.line_numbers[row]), index.id_field, index.text_field))
+    return [rid for rid, _ in rows], [text for _, text in rows]

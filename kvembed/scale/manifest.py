@@ -111,16 +111,10 @@ def read_manifest(outdir) -> dict:
 def intact(outdir: Path, key: str) -> bool:
     """manifest.json is complete and of the run `key`, and embeddings.npy and ids.json match its sha256."""
     try:
-        manifest = read_manifest(outdir)
+        load_corpus_embeddings(outdir)  # reads the manifest, checks both files against it
     except OutdirError:
         return False
-    if manifest.get("run_key") != key:
-        return False
-    for entry in (manifest["embeddings"], manifest["ids"]):
-        path = Path(outdir) / entry["file"]
-        if not path.is_file() or sha256_file(path) != entry["sha256"]:
-            return False
-    return True
+    return read_manifest(outdir).get("run_key") == key
 
 
 def load_corpus_embeddings(outdir, *, verify: bool = True) -> tuple[list, np.ndarray]:

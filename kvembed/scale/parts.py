@@ -40,22 +40,18 @@ def json_bytes(obj) -> bytes:
     return (json.dumps(obj, sort_keys=True, indent=1, ensure_ascii=False) + "\n").encode("utf-8")
 
 
-def remove_stale_tmp(outdir: Path) -> list[str]:
-    """Delete temporary files left by a killed writer. Call only while no rank is writing."""
-    removed = []
-    for p in outdir.iterdir():
-        if TMP_MARK in p.name:
-            p.unlink(missing_ok=True)
-            removed.append(p.name)
-    return removed
+def remove_stale_tmp(outdir: Path) -> int:
+    """Delete temporary files left by a killed writer and return how many. Call only while no rank is writing."""
+    stale = [p for p in outdir.iterdir() if TMP_MARK in p.name]
+    for p in stale:
+        p.unlink(missing_ok=True)
+    return len(stale)
 
 
 def write_part(outdir: Path, k: int, start: int, ids: list, matrix: np.ndarray, run_key: str, *,
-               truncated: int = 0) -> dict:
-    """Commit part k (rows [start, start + len(ids))) and return its record. `truncated`: how many of its
-    texts were cut to the model's max_length (the text is cut, never the instruction)."""
-    if matrix.ndim != 2 or matrix.shape[0] != len(ids):
-        raise ValueError(f"part {k}: embeddings of shape {tuple(matrix.shape)} for {len(ids)} ids")
+               truncated: int = 0) -> None:
+    """Commit part k (rows [start, start + len(ids))); `matrix` is (len(ids), dim), as embed_part checked.
+    `truncated`: how many of its texts were cut to the model's max_length (the text is cut, never the instruction)."""
     stem = part_stem(k)
     buf = io.BytesIO()
     np.save(buf, np.ascontiguousarray(matrix, dtype=np.float32), allow_pickle=False)
@@ -75,7 +71,6 @@ def write_part(outdir: Path, k: int, start: int, ids: list, matrix: np.ndarray, 
     atomic_write(outdir / record["file"], npy)
     atomic_write(outdir / record["ids_file"], ids_data)
     atomic_write(outdir / f"{stem}.json", json_bytes(record))  # last: the commit point
-    return record
 
 
 def finished_record(outdir: Path, k: int, start: int, end: int, run_key: str, *, verify: bool = True) -> dict | None:

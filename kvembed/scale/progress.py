@@ -7,9 +7,9 @@ run, counted from the part records on disk (so no collective is needed while ran
 
 from __future__ import annotations
 
-import sys
 import time
-from typing import Callable
+from dataclasses import KW_ONLY, dataclass
+from typing import Callable, TextIO
 
 
 def fmt_seconds(s: float) -> str:
@@ -21,39 +21,34 @@ def fmt_seconds(s: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
 
 
-def eta(remaining: float, rate: float) -> float:
-    return remaining / rate if rate > 0 else float("inf")
+def rate_and_eta(rows: int, left: int, elapsed: float) -> str:
+    rate = rows / elapsed if elapsed > 0 else 0.0
+    return f"{rate:.1f} texts/s  ETA {fmt_seconds(left / rate if rate > 0 else float('inf'))}"
 
 
+@dataclass
 class Progress:
-    def __init__(
-        self,
-        rank: int,
-        world: int,
-        rank_total: int,
-        *,
-        total_rows: int,
-        total_parts: int,
-        done_on_disk: Callable[[], tuple[int, int]] | None = None,
-        every: float = 10.0,
-        quiet: bool = False,
-        out=None,
-        clock: Callable[[], float] = time.monotonic,
-    ):
-        self.rank, self.world, self.rank_total = rank, world, rank_total
-        self.total_rows, self.total_parts = total_rows, total_parts
-        # Rank 0 only: () -> (parts, rows) finished on disk, by any rank.
-        self.done_on_disk = done_on_disk
-        self.every, self.quiet = every, quiet
-        self.out = out if out is not None else sys.stderr
-        self.clock = clock
-        self.start = self.last_log = clock()
+    rank: int
+    world: int
+    rank_total: int
+    _: KW_ONLY
+    total_rows: int
+    total_parts: int
+    # Rank 0 only: () -> (parts, rows) finished on disk, by any rank.
+    done_on_disk: Callable[[], tuple[int, int]] | None = None
+    every: float = 10.0
+    # Where the lines go; None: nowhere (quiet).
+    out: TextIO | None = None
+    clock: Callable[[], float] = time.monotonic
+
+    def __post_init__(self):
+        self.start = self.last_log = self.clock()
         self.rows = 0
         # Rows already on disk when this run started do not count towards this run's rate.
-        self.disk_start = done_on_disk()[1] if done_on_disk else 0
+        self.disk_start = self.done_on_disk()[1] if self.done_on_disk else 0
 
     def say(self, line: str) -> None:
-        if not self.quiet:
+        if self.out is not None:
             print(line, file=self.out, flush=True)
 
     def advance(self, rows: int, *, force: bool = False) -> None:
@@ -64,15 +59,9 @@ class Progress:
             return
         self.last_log = now
         elapsed = now - self.start
-        rate = self.rows / elapsed if elapsed > 0 else 0.0
-        self.say(
-            f"[rank {self.rank}/{self.world}] {self.rows}/{self.rank_total} rows  {rate:.1f} texts/s  "
-            f"ETA {fmt_seconds(eta(self.rank_total - self.rows, rate))}"
-        )
+        self.say(f"[rank {self.rank}/{self.world}] {self.rows}/{self.rank_total} rows  "
+                 + rate_and_eta(self.rows, self.rank_total - self.rows, elapsed))
         if self.done_on_disk is not None:
             parts, disk_rows = self.done_on_disk()
-            all_rate = (disk_rows - self.disk_start) / elapsed if elapsed > 0 else 0.0
-            self.say(
-                f"[all {self.world} ranks] parts {parts}/{self.total_parts}  {disk_rows}/{self.total_rows} rows  "
-                f"{all_rate:.1f} texts/s  ETA {fmt_seconds(eta(self.total_rows - disk_rows, all_rate))}"
-            )
+            self.say(f"[all {self.world} ranks] parts {parts}/{self.total_parts}  {disk_rows}/{self.total_rows} rows  "
+                     + rate_and_eta(disk_rows - self.disk_start, self.total_rows - disk_rows, elapsed))
