@@ -65,9 +65,6 @@ class EmbeddingCache:
     def count(self, fingerprint: str) -> int:
         return self._db.execute("SELECT COUNT(*) FROM emb WHERE fingerprint = ?", (fingerprint,)).fetchone()[0]
 
-    def close(self) -> None:
-        self._db.close()
-
 
 class CachedEncoder:
     """`embedder` (anything with `.encode(texts, prompt_name=...)` and `.fingerprint`) behind a cache.

@@ -99,20 +99,15 @@ def task_rows(text: str) -> dict:
     return out
 
 
-def common_switches(args) -> dict:
-    out = switches_from_args(args)
-    if args.max_length is not None:
-        out["max_length"] = args.max_length
-    return out
-
-
 def method_list(args) -> list[tuple[str, str, dict]]:
     """(label, method, switches) per requested method.
 
     A switch flag goes to every listed method that takes it (`--bias 2` with kvembedding,mean reaches kvembedding
     only); one that no listed method takes is refused, never ignored. A method's own `name:key=value` wins."""
     specs = args.methods.split(",") if args.methods else [args.method]
-    common = common_switches(args)
+    common = switches_from_args(args)
+    if args.max_length is not None:
+        common["max_length"] = args.max_length
     out, used = [], {"max_length"}
     for spec in specs:
         name, own = parse_method(spec)
@@ -126,22 +121,19 @@ def method_list(args) -> list[tuple[str, str, dict]]:
     return out
 
 
-def run(args, *, make=None) -> int:
+def run(args) -> int:
     """Run the table (or the ablation grid), write `<out>/<name>.md|json`, print the markdown."""
-    from .ablations import check_split, run_ablations
+    from .ablations import run_ablations
     from .cache import EmbeddingCache
     from .report import combine_reports, write_report
     from .runners import Table, make_embedder, run_method
     from .tasks import select_tasks
 
     if args.combine:
-        md, js = combine_reports(args.combine, args.out, args.name or "eval",
-                                 "kvembed Evaluation, MTEB 2.x protocol, on both named backbones")
+        md, js = combine_reports(args.combine, args.out, args.name or "eval")
         print(f"wrote {md} and {js}")
         return 0
-    make = make or make_embedder
-    if not logging.getLogger().handlers:
-        logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s")  # does nothing where logging is set up already
     logging.getLogger("kvembed").setLevel(logging.INFO)
     # mteb/datasets/sklearn chatter (per-map progress bars, ill-defined-metric warnings on few-shot
     # folds) would bury our own progress bars; scores are unaffected.
@@ -153,24 +145,21 @@ def run(args, *, make=None) -> int:
         logging.getLogger(name).setLevel(logging.ERROR)
     data_dir = args.data_dir or default_data_dir()
     cache = None if args.no_cache else EmbeddingCache(args.cache_dir)  # None: $KVEMBED_CACHE/eval
-    command = args.command
     progress = not args.no_progress
 
     if args.ablations:
-        split = args.split or "validation"
-        check_split(split)
+        split = args.split or "validation"  # run_ablations refuses any other
         if args.method != "kvembedding" or args.methods:
             raise SwitchError("--ablations varies the kvembedding switches; drop --method/--methods")
-        fixed = sorted(set(common_switches(args)) - {"max_length"})
+        fixed = sorted(switches_from_args(args))
         if fixed:
             raise SwitchError(f"--ablations varies the switches itself; drop "
                               f"{', '.join('--' + k.replace('_', '-') for k in fixed)}")
         table = run_ablations(args.model, split=split, dtype=args.dtype, device=args.device, data_dir=data_dir,
                               max_rows=args.max_rows, seed=args.seed, cache=cache, batch_size=args.batch_size,
-                              show_progress_bar=progress, command=command, make=make,
+                              show_progress_bar=progress, command=args.command,
                               tasks=None if args.tasks == "all" else args.tasks.split(","),
-                              base={k: v for k, v in common_switches(args).items() if k == "max_length"})
-        name = args.name or "ablations"
+                              base={} if args.max_length is None else {"max_length": args.max_length})
     else:
         split = args.split or "test"
         specs = select_tasks(args.tasks, data_dir)
@@ -181,17 +170,16 @@ def run(args, *, make=None) -> int:
         t0 = time.perf_counter()
         runs = []
         for label, method, switches in method_list(args):
-            embedder = make(args.model, method, switches, dtype=args.dtype, device=args.device, data_dir=data_dir,
-                            id_corpus=args.id_corpus)
+            embedder = make_embedder(args.model, method, switches, dtype=args.dtype, device=args.device,
+                                     data_dir=data_dir, id_corpus=args.id_corpus)
             runs.append(run_method(embedder, specs, split=split, max_rows=args.max_rows, seed=args.seed,
                                    cache=cache, batch_size=args.batch_size, show_progress_bar=progress,
                                    label=label, method=method, switches=switches, model_name=args.model,
                                    task_rows=args.task_rows, max_text_tokens=args.max_text_tokens))
         table = Table(model=args.model or "default", dtype=args.dtype, split=split, max_rows=args.max_rows,
-                      seed=args.seed, command=command, runs=runs, wall_s=round(time.perf_counter() - t0, 3),
+                      seed=args.seed, command=args.command, runs=runs, wall_s=round(time.perf_counter() - t0, 3),
                       task_rows=args.task_rows, max_text_tokens=args.max_text_tokens)
-        name = args.name or "eval"
-    md, js = write_report(table, args.out, name)
+    md, js = write_report(table, args.out, args.name or table.kind)  # default stem: eval, or ablations
     print(md.read_text(encoding="utf-8"))
     print(f"wrote {md} and {js}")
     return 0

@@ -45,9 +45,6 @@ class Interval:
     def excludes_zero(self) -> bool:
         return self.lo > 0 or self.hi < 0
 
-    def to_dict(self) -> dict:
-        return {"point": self.point, "lo": self.lo, "hi": self.hi}
-
 
 # ------------------------------------------------------------------------------------ the statistics
 

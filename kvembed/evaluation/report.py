@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime
 import json
 import platform
+from dataclasses import asdict
 from pathlib import Path
 
 from kvembed.files import read_json
@@ -66,13 +67,13 @@ def paired_rows(table: Table, tasks) -> list[dict]:
         row = {"task": name, "type": kind, "kvembedding": a.score}
         b = _result(none, name) if none else None
         if b is not None and b.score is not None and b.per_row:
-            row["vs_none"] = paired_interval(kind, a.per_row, b.per_row).to_dict()
+            row["vs_none"] = asdict(paired_interval(kind, a.per_row, b.per_row))
         base = [(r, _result(r, name)) for r in table.runs if r.method in BASELINE_METHODS]
         base = [(r, x) for r, x in base if x is not None and x.score is not None and x.per_row]
         if base:
             best_run, best = max(base, key=lambda rx: rx[1].score)
             row["best_baseline"] = best_run.label
-            row["vs_best"] = paired_interval(kind, a.per_row, best.per_row).to_dict()
+            row["vs_best"] = asdict(paired_interval(kind, a.per_row, best.per_row))
         out.append(row)
     return out
 
@@ -139,7 +140,7 @@ def write_report(table: Table, out_dir: Path | str, name: str) -> tuple[Path, Pa
             "versions": _versions()}
     tasks = list(dict.fromkeys((r.task, r.type, r.main_score) for run in table.runs for r in run.results))
     paired = paired_rows(table, tasks)
-    data = {**table.to_json(), **meta, "paired": paired,
+    data = {**asdict(table), **meta, "paired": paired,
             "averages": {run.label: type_averages(run) for run in table.runs}}
     md, js = out_dir / f"{name}.md", out_dir / f"{name}.json"
     md.write_text(render_markdown(table, meta, tasks, paired), encoding="utf-8")
@@ -147,11 +148,11 @@ def write_report(table: Table, out_dir: Path | str, name: str) -> tuple[Path, Pa
     return md, js
 
 
-def combine_reports(stems: list[Path | str], out_dir: Path | str, name: str, title: str) -> tuple[Path, Path]:
+def combine_reports(stems: list[Path | str], out_dir: Path | str, name: str) -> tuple[Path, Path]:
     """One `<name>.md|json` from several written reports (one per backbone): each becomes a section, its own
     command and facts kept, so every table stays reproducible by the command printed in it."""
     out_dir = Path(out_dir)
-    sections, parts = [f"# {title}", ""], []
+    sections, parts = ["# kvembed Evaluation, MTEB 2.x protocol, on both named backbones", ""], []
     for stem in map(Path, stems):
         if stem.suffix in (".md", ".json"):
             stem = stem.with_suffix("")

@@ -69,9 +69,6 @@ class Table:
     task_rows: dict = field(default_factory=dict)
     max_text_tokens: int | None = None
 
-    def to_json(self) -> dict:
-        return asdict(self)
-
 
 def make_embedder(model: str | None, method: str, switches: dict | None = None, *, dtype: str = "float32",
                   device: str = "cpu", data_dir=None, id_corpus=None):
@@ -137,19 +134,15 @@ def evaluate_task(adapter: KVEmbeddingMTEB, spec: TaskSpec, split: str = "test",
     rows = per_row(spec.type, task, split, scores, adapter)
     return TaskResult(spec.name, spec.type, split, main, score, rows=_rows(task), wall_s=round(wall, 3),
                       texts_encoded=adapter.encoder.encoded - before, scores=_clean(scores), per_row=rows,
-                      interval=interval(spec.type, rows).to_dict())
+                      interval=asdict(interval(spec.type, rows)))
 
 
 # pytrec_eval's per-query name of each retrieval-type main score
 PER_QUERY_METRIC = {"retrieval": "ndcg_cut_10", "reranking": "map_cut_1000"}
 
 
-# k-means restarts behind the clustering interval (seeds 0..N-1, mteb's own settings otherwise)
-KMEANS_RESTARTS = 50
-
-
-def kmeans_restarts(vectors, labels, n: int = KMEANS_RESTARTS) -> list[float]:
-    """V-measure of mteb's clustering (MiniBatchKMeans, k = #labels, batch 500, n_init auto) under n seeds."""
+def kmeans_restarts(vectors, labels, n: int = 50) -> list[float]:
+    """V-measure of mteb's clustering (MiniBatchKMeans, k = #labels, batch 500, n_init auto) under seeds 0..n-1."""
     from sklearn.cluster import MiniBatchKMeans
     from sklearn.metrics import v_measure_score
 
