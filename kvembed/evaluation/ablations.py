@@ -26,8 +26,7 @@ ABLATION_SPLIT = "validation"
 
 
 def thirds(n_layers: int) -> list[list[int]]:
-    cuts = [0, n_layers // 3, (2 * n_layers) // 3, n_layers]
-    return [list(range(cuts[i], cuts[i + 1])) for i in range(3)]
+    return [list(range(i * n_layers // 3, (i + 1) * n_layers // 3)) for i in range(3)]
 
 
 def ablation_grid(n_layers: int) -> list[tuple[str, dict]]:

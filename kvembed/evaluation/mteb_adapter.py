@@ -28,7 +28,6 @@ from .cache import CachedEncoder, EmbeddingCache
 
 
 def prompt_name_for(prompt_type) -> str:
-    """The kvembed prompt name for an mteb prompt_type (None = symmetric = document)."""
     return "query" if prompt_type is not None and PromptType(prompt_type) == PromptType.query else "document"
 
 
@@ -49,26 +48,6 @@ def describe(embedder, name: str | None = None, method: str | None = None, switc
     return model, method, {**{k: v for k, v in config.items() if k != "method"}, **(switches or {})}
 
 
-def build_model_meta(embedder, *, name: str | None = None, method: str | None = None,
-                     switches: dict | None = None) -> ModelMeta:
-    model, method, config = describe(embedder, name, method, switches)
-    return ModelMeta.create_empty(overwrites=dict(
-        # mteb wants "organization/model"; the method is part of the name so results folders keep methods apart,
-        # and the fingerprint (weights + method + switches + limits) is the revision: stable from run to run.
-        name=f"kvembed/{_slug(model)}__{_slug(method)}",
-        revision=str(embedder.fingerprint)[:40],
-        embed_dim=embedder.get_embedding_dimension() if hasattr(embedder, "get_embedding_dimension") else None,
-        framework=["PyTorch"],
-        similarity_fn_name=ScoringFunction.COSINE,
-        use_instructions=True,
-        open_weights=True,
-        languages=["eng-Latn"],
-        training_datasets=set(),
-        experiment_kwargs={"method": method, **{k: json.dumps(v) if not isinstance(v, str) else v
-                                                for k, v in config.items()}},
-    ))
-
-
 class KVEmbeddingMTEB(AbsEncoder):
     """An mteb encoder around a kvembed embedder (`KVEmbedder` or anything with the same encode/fingerprint).
 
@@ -81,7 +60,22 @@ class KVEmbeddingMTEB(AbsEncoder):
                  switches: dict | None = None):
         self.model = embedder
         self.encoder = CachedEncoder(embedder, cache, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        self.mteb_model_meta = build_model_meta(embedder, name=name, method=method, switches=switches)
+        model, method, config = describe(embedder, name, method, switches)
+        self.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
+            # mteb wants "organization/model"; the method is part of the name so results folders keep methods apart,
+            # and the fingerprint (weights + method + switches + limits) is the revision: stable from run to run.
+            name=f"kvembed/{_slug(model)}__{_slug(method)}",
+            revision=str(embedder.fingerprint)[:40],
+            embed_dim=embedder.get_embedding_dimension() if hasattr(embedder, "get_embedding_dimension") else None,
+            framework=["PyTorch"],
+            similarity_fn_name=ScoringFunction.COSINE,
+            use_instructions=True,
+            open_weights=True,
+            languages=["eng-Latn"],
+            training_datasets=set(),
+            experiment_kwargs={"method": method, **{k: json.dumps(v) if not isinstance(v, str) else v
+                                                    for k, v in config.items()}},
+        ))
         # prompt names seen per call, in order: (task name, split, prompt_name); tests and logs read it
         self.calls: list[tuple[str, str, str]] = []
 

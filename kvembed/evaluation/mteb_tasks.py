@@ -70,9 +70,9 @@ def _metadata(spec: TaskSpec, split: str) -> TaskMetadata:
 class _Local:
     """Mixin: an mteb task whose data is handed over at construction instead of fetched."""
 
-    def __init__(self, metadata: TaskMetadata, dataset, seed: int = 42):
+    def __init__(self, metadata: TaskMetadata, dataset):
         self.metadata = metadata
-        super().__init__(seed=seed)
+        super().__init__()
         self.dataset = dataset
         self.data_loaded = True
 
@@ -108,12 +108,9 @@ class LocalRetrieval(_Local, AbsTaskRetrieval):
         return {}
 
 
-TEXT_FIELDS = ("text", "sentence1", "sentence2", "query")
-
-
 def cut_row(row: dict, cut) -> dict:
     """The row with every text field (and reranking's candidate lists) passed through `cut`."""
-    out = {k: cut(v) if k in TEXT_FIELDS else v for k, v in row.items()}
+    out = {k: cut(v) if k in ("text", "sentence1", "sentence2", "query") else v for k, v in row.items()}
     for k in ("positive", "negative"):
         if k in row:
             out[k] = [cut(t) for t in row[k]]
@@ -164,8 +161,7 @@ def build_task(spec: TaskSpec, split: str, max_rows: int | None = None, seed: in
     if spec.type == "classification":
         if split == "train":
             raise TaskDataError(f"{spec.name}: the classifier trains on 'train'; score another split")
-        # the train pool is never cut: mteb draws 8 rows per label from it in each of its 10
-        # experiments and embeds only those, so cutting it would change the protocol, not the cost
+        # the train pool is never cut to max_rows (tasks.py says why: mteb embeds only the rows it draws)
         train = [cut_row(r, cut) for r in load_split(spec, "train")]
         ids = _label_ids(train, rows)
         ds = {s: Dataset.from_dict({"text": [r["text"] for r in rs], "label": [ids[str(r["label"])] for r in rs]})

@@ -37,9 +37,6 @@ MAIN_SCORES = {
     "retrieval": "ndcg_at_10",
 }
 
-# The source checkout, when kvembed runs from one (an installed wheel has none).
-CHECKOUT = Path(__file__).resolve().parents[2]
-
 
 class TaskDataError(ValueError):
     """A task folder, split or row that does not match the data pack's format."""
@@ -71,7 +68,8 @@ def default_data_dir() -> Path:
     env = os.environ.get("KVEMBED_DATA")
     if env:
         return Path(env)
-    for root in (CHECKOUT.parent, Path.cwd(), Path.cwd().parent):
+    # parents[3]: the folder holding the source checkout, when kvembed runs from one (an installed wheel has none)
+    for root in (Path(__file__).resolve().parents[3], Path.cwd(), Path.cwd().parent):
         if (root / "shared" / "data").is_dir():
             return root / "shared" / "data"
     raise TaskDataError("no data pack found: pass --data-dir or set $KVEMBED_DATA to the folder that holds the "
