@@ -48,7 +48,6 @@ _TAG_BYTES = {
 
 
 def read_config(folder: str | os.PathLike) -> dict:
-    """config.json of `folder` as a dict."""
     path = Path(folder) / CONFIG_FILE
     if not path.is_file():
         raise WeightsError(
@@ -117,46 +116,38 @@ def weight_map(folder: str | os.PathLike) -> dict[str, Path]:
 def read_safetensors(folder: str | os.PathLike, dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """All tensors of `folder` (keys as stored), cast to `dtype` (None keeps the stored dtype)."""
     wmap = weight_map(folder)
-    sharded = (Path(folder) / INDEX_FILE).is_file()
     state: dict[str, torch.Tensor] = {}
     for path in dict.fromkeys(wmap.values()):
         keys = [k for k, p in wmap.items() if p == path]
         with _open(path) as f:
+            # Only an index can disagree with its shards: without one, `keys` are the file's own keys.
             stored = set(f.keys())
-            if sharded:
-                absent = [k for k in keys if k not in stored]
-                if absent:
+            absent = [k for k in keys if k not in stored]
+            extra = sorted(stored - set(keys))
+            for bad, what in ((absent, f"is listed in {INDEX_FILE} for this shard but is not in it"),
+                              (extra, f"is in this shard but {INDEX_FILE} does not list it here")):
+                if bad:
                     raise CheckpointMismatchError(
-                        f"{path}: key {absent[0]!r} is listed in {INDEX_FILE} for this shard but is not in it "
-                        f"({len(absent)} such keys); the index and the shards disagree: re-download the model"
-                    )
-                extra = sorted(stored - set(keys))
-                if extra:
-                    raise CheckpointMismatchError(
-                        f"{path}: key {extra[0]!r} is in this shard but {INDEX_FILE} does not list it here "
-                        f"({len(extra)} such keys); the index and the shards disagree: re-download the model"
+                        f"{path}: key {bad[0]!r} {what} ({len(bad)} such keys); the index and the shards "
+                        f"disagree: re-download the model"
                     )
             for key in keys:
                 try:
                     t = f.get_tensor(key)
                 except Exception as e:
                     raise _corrupt(path, e, key) from e
-                state[key] = cast_weight(t, dtype, path, key)
+                if t.dtype not in FLOAT_DTYPES:
+                    raise CheckpointMismatchError(
+                        f"{path}: tensor {key!r} is stored as {t.dtype}; kvembed loads float32/bfloat16/float16 "
+                        f"weights only (quantised safetensors are not supported: use the unquantised checkpoint "
+                        f"or a .gguf file)"
+                    )
+                state[key] = t if dtype is None else t.to(dtype)
     return state
 
 
-def cast_weight(t: torch.Tensor, dtype: torch.dtype | None, path: Path, key: str) -> torch.Tensor:
-    if t.dtype not in FLOAT_DTYPES:
-        raise CheckpointMismatchError(
-            f"{path}: tensor {key!r} is stored as {t.dtype}; kvembed loads float32/bfloat16/float16 weights "
-            f"only (quantised safetensors are not supported: use the unquantised checkpoint or a .gguf file)"
-        )
-    return t if dtype is None or t.dtype == dtype else t.to(dtype)
-
-
 def _open(path: Path):
-    """safe_open (a context manager whose __enter__ returns itself), with safetensors' own errors re-raised as
-    CorruptFileError naming the file (and key)."""
+    """safe_open (a context manager: __enter__ returns itself); errors become a CorruptFileError naming the file."""
     try:
         return safe_open(str(path), framework="pt")
     except Exception as e:

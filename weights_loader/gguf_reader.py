@@ -58,7 +58,12 @@ def load_gguf(path, *, keep_lm_head: bool = True) -> tuple[dict, dict[str, torch
     an embedder never uses it, so a converter can skip dequantizing it.
     """
     path = Path(path)
-    reader = _open(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such GGUF file")
+    try:
+        reader = GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError/struct errors on a truncated or foreign file
+        raise CorruptFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-convert it") from e
     meta = {k: f.contents() for k, f in reader.fields.items()}  # GGUF key -> str, int, float, bool or a list
     config = gguf_config(meta, [t.name for t in reader.tensors], path)
     tensors = {}
@@ -73,15 +78,6 @@ def load_gguf(path, *, keep_lm_head: bool = True) -> tuple[dict, dict[str, torch
         tensors[hf_name] = w
     _check_shapes(config, tensors, path)
     return config, tensors, tokenizer_from_gguf(meta, str(path))
-
-
-def _open(path: Path) -> GGUFReader:
-    if not path.is_file():
-        raise WeightsError(f"{path}: no such GGUF file")
-    try:
-        return GGUFReader(path)
-    except Exception as e:  # the gguf package raises ValueError/struct errors on a truncated or foreign file
-        raise CorruptFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-convert it") from e
 
 
 def hf_tensor_name(gguf_name: str, path: Path | str = "<gguf>") -> str | None:
@@ -107,8 +103,7 @@ def unpermute_qk(w: torch.Tensor, n_heads: int) -> torch.Tensor:
     (H, D/2, 2) and swaps back, exactly as transformers' GGUF loader (`_reverse_permute_weights`) does.
     `n_heads` is Hq for q_proj, Hkv for k_proj.
     """
-    rows = w.shape[0]
-    d_half = rows // n_heads // 2
+    d_half = w.shape[0] // n_heads // 2
     return w.reshape(n_heads, d_half, 2, *w.shape[1:]).transpose(1, 2).reshape(w.shape).contiguous()  # (H*D, ...)
 
 
@@ -136,7 +131,6 @@ def _meta_float(value) -> float:
 
 
 def gguf_config(meta: dict, tensor_names: list[str], path: Path | str = "<gguf>") -> dict:
-    """A HF config.json dict for the model a GGUF file describes."""
     arch = meta.get("general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
         raise WeightsError(

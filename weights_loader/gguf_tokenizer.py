@@ -67,15 +67,9 @@ PRE_TOKENIZER_SPLITS = {
 
 def bytes_to_unicode() -> dict[int, str]:
     """GPT-2's printable spelling of each byte (byte-level BPE vocabularies are written in it)."""
-    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
-    cs = bs[:]
-    n = 0
-    for b in range(256):
-        if b not in bs:
-            bs.append(b)
-            cs.append(256 + n)
-            n += 1
-    return dict(zip(bs, map(chr, cs)))
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    others = [b for b in range(256) if b not in printable]  # spelled chr(256), chr(257), ... in byte order
+    return {**{b: chr(b) for b in printable}, **{b: chr(256 + n) for n, b in enumerate(others)}}
 
 
 def tokenizer_from_gguf(meta: dict, source: str = "<gguf>") -> Tokenizer:
@@ -174,7 +168,6 @@ def _add_special_tokens(tok: Tokenizer, meta: dict, *, byte_level: bool, class_d
     specials = list(dict.fromkeys(control + named))
     if specials:
         tok.add_special_tokens([AddedToken(t, normalized=False, special=True) for t in specials])
-    vocab = tok.get_vocab()
     user = [t for t, ty in zip(tokens, types) if ty == USER_DEFINED and t in vocab and t not in specials]
     if user:
         tok.add_tokens([AddedToken(t, normalized=False, special=False) for t in user])

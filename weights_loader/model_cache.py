@@ -154,7 +154,6 @@ def problem(folder: Path, model: NamedModel) -> str | None:
 
 
 def is_complete(folder: Path, model: NamedModel) -> bool:
-    """True iff `folder` holds `model`'s converted files, each as recorded at conversion."""
     return problem(folder, model) is None
 
 

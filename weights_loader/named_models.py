@@ -53,10 +53,6 @@ class NamedModel:
     description: str
     licence: str
 
-    @property
-    def names(self) -> tuple[str, ...]:
-        return (self.name, *self.aliases)
-
 
 SMOLLM2 = NamedModel(
     name="smollm2-135m",
@@ -111,4 +107,4 @@ NAMED_MODELS = {m.name: m for m in (SMOLLM2, QWEN25_CODER_05B)}
 def find_named_model(name: str) -> NamedModel | None:
     """The model registered under `name` or one of its aliases (any case), else None."""
     key = name.strip().lower()
-    return next((m for m in NAMED_MODELS.values() if key in m.names), None)
+    return next((m for m in NAMED_MODELS.values() if key in (m.name, *m.aliases)), None)
