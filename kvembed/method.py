@@ -315,6 +315,12 @@ class Method:
     def with_template(self, template: str) -> "Method":
         raise SwitchError(f"method {self.name!r} has fixed prompts; a per-call prompt cannot replace them")
 
+    def prepare(self, tokenizer, text: str, prompt_name: str | None, max_length: int | None) -> list[Encoded]:
+        raise NotImplementedError
+
+    def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
+        raise NotImplementedError
+
     def _normalize(self, normalize: bool | None) -> bool:
         return self.normalize if normalize is None else normalize
 

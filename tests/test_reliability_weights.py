@@ -148,6 +148,21 @@ def test_truncated_gguf_is_named(tmp_path):
         load_model(path)
 
 
+@pytest.mark.parametrize("kind, needs", [("gpt2", "needs tokenizer.ggml.merges, and this file has none"),
+                                         ("llama", "needs tokenizer.ggml.merges or tokenizer.ggml.scores")])
+def test_a_gguf_tokenizer_without_merges_is_named(kind, needs):
+    """Byte-level BPE cannot recover merges (it has no scores; this used to be an AttributeError); sentencepiece
+    recovers them from scores, so only a file with neither is refused. Either way a WeightsError naming the file."""
+    import re
+
+    from weights_loader.errors import WeightsError
+    from weights_loader.gguf_tokenizer import tokenizer_from_gguf
+
+    meta = {"tokenizer.ggml.model": kind, "tokenizer.ggml.tokens": ["a", "b", "ab"]}
+    with pytest.raises(WeightsError, match=rf"m\.gguf: a '{kind}'.*{re.escape(needs)}"):
+        tokenizer_from_gguf(meta, "m.gguf")
+
+
 # ------------------------------------------------------------------------------------------- default-model fetch
 
 

@@ -78,6 +78,9 @@ def tokenizer_from_gguf(meta: dict, source: str = "<gguf>") -> Tokenizer:
     if "tokenizer.ggml.tokens" not in meta:
         raise WeightsError(f"{source}: no tokenizer.ggml.tokens in the GGUF metadata; this file carries no tokenizer")
     if kind == "gpt2":
+        if "tokenizer.ggml.merges" not in meta:  # byte-level BPE has no scores to recover merges from
+            raise WeightsError(f"{source}: a 'gpt2' (byte-level BPE) tokenizer needs tokenizer.ggml.merges, and this "
+                               "file has none; re-convert the model with a current llama.cpp")
         tok, defaults = _byte_level_bpe(meta), ["<|endoftext|>"]
     elif kind == "llama":
         tok, defaults = _sentencepiece_bpe(meta, source), ["<unk>", "<s>", "</s>"]
