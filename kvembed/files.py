@@ -8,6 +8,7 @@ in the model or the user API.
     atomic_write(path, data)   the file is absent, old, or complete: never half-written
     atomic_output(path)        the same, for writers that stream (np.save, json lines)
     read_texts(path, ...)      a .txt (one text per line) or .jsonl (a field per object), with line numbers
+    json_object(line, fields)  one JSON-lines line as an object holding `fields`, or a ValueError saying why not
     read_json(path, error, ..) one JSON object, or `error` naming the file, what is wrong and what to do
 
 Reading rules, the same for every command: the suffix decides the format, case-insensitively (`.JSONL` is
@@ -105,6 +106,24 @@ def read_json(path: str | os.PathLike, error: type[Exception] = ValueError, advi
     return obj
 
 
+def json_object(line: str | bytes, fields: dict) -> dict:
+    """The JSON object on one line (str, or bytes as json.loads takes them) holding each of `fields` (name -> type or
+    tuple of types; a bool is never an int here), else a ValueError saying what is wrong (callers add file and line)."""
+    try:
+        obj = json.loads(line)
+    except ValueError as e:  # json.JSONDecodeError, or UnicodeDecodeError for bytes
+        raise ValueError(f"not valid JSON ({e})") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+    for name, types in fields.items():
+        if name not in obj:
+            raise ValueError(f"no {name!r} field (fields: {sorted(obj)[:8]})")
+        if isinstance(obj[name], bool) or not isinstance(obj[name], types):
+            wanted = " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+            raise ValueError(f"{name!r} is {type(obj[name]).__name__}, not {wanted}")
+    return obj
+
+
 def iter_lines(path: str | os.PathLike):
     """(line number from 1, the line without its end, or its UnicodeDecodeError if it is not UTF-8) for every
     line of `path`, by the reading rules above."""
@@ -159,14 +178,8 @@ def read_texts(path: str | os.PathLike, field_name: str = "text", *, skip_bad: b
                 raise ValueError(f"invalid UTF-8 ({line.reason} at byte {line.start})")
             if jsonl and not line.strip():
                 continue
-            obj = json.loads(line) if jsonl else {field_name: line}
-            if not isinstance(obj, dict):
-                raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
-            if field_name not in obj:
-                raise ValueError(f"no {field_name!r} field (fields: {sorted(obj)[:8]})")
-            if not isinstance(obj[field_name], str):
-                raise ValueError(f"{field_name!r} is {type(obj[field_name]).__name__}, not a string")
-        except ValueError as e:  # json.JSONDecodeError is a ValueError
+            obj = json_object(line, {field_name: str}) if jsonl else {field_name: line}
+        except ValueError as e:
             if not skip_bad:
                 raise TextFileError(f"{p}:{n}: unreadable line ({e}); {hint}") from None
             out.skipped.append((n, str(e)))

@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 
 from kvembed.corpus import embed_corpus, embed_part
-from kvembed.scale.inputs import InputError
+from kvembed.files import read_texts
+from kvembed.scale.inputs import InputError, read_rows, scan_jsonl
 from kvembed.scale.manifest import OutdirError, load_corpus_embeddings
 
 DIM = 8
@@ -171,7 +172,7 @@ def test_ids_default_to_line_numbers_and_blank_lines_are_not_rows(tmp_path):
 def test_bad_line_names_its_number_or_is_skipped_and_reported(tmp_path):
     inp = tmp_path / "in.jsonl"
     inp.write_text('{"text": "ok"}\n{"text": "also ok"}\n{"text": 3}\n{not json\n{"txt": "x"}\n{"text": "end"}\n')
-    with pytest.raises(InputError, match=r"in.jsonl: line 3: field 'text' must be a string"):
+    with pytest.raises(InputError, match=r"in.jsonl: line 3: 'text' is int, not str"):
         embed_corpus(inp, tmp_path / "strict", FakeEmbedder(), **OPTS)
     embed_corpus(inp, tmp_path / "out", FakeEmbedder(), skip_bad_lines=True, **OPTS)
     ids, _ = load_corpus_embeddings(tmp_path / "out")
@@ -262,3 +263,11 @@ def test_a_jsonl_with_a_bom_reads_as_without(tmp_path):
     embed_corpus(tmp_path / "plain.jsonl", tmp_path / "b", FakeEmbedder(), **OPTS)
     (ids_a, a), (ids_b, b) = load_corpus_embeddings(tmp_path / "a"), load_corpus_embeddings(tmp_path / "b")
     assert ids_a == ids_b == [f"r{i}" for i in range(5)] and np.array_equal(a, b)
+
+
+def test_a_bom_on_a_blank_first_line_is_a_blank_line_for_both_readers(tmp_path):
+    # Notepad's "UTF-8 with BOM" and an empty first line: `embed` skipped it, `embed-corpus` refused line 1
+    path = tmp_path / "in.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf\r\n{"text": "a"}\r\n')
+    index = scan_jsonl(path)
+    assert index.line_numbers.tolist() == read_texts(path).lines == [2] and read_rows(index, 0, 1) == ([2], ["a"])

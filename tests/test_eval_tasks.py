@@ -180,14 +180,14 @@ def test_fewer_rows_than_announced_is_an_error_not_a_smaller_score(tmp_path):
 def test_a_row_missing_a_field_names_file_line_and_field(tmp_path):
     rows = STS_ROWS[:3] + [{"sentence1": "x", "sentence2": "y"}] + STS_ROWS[4:]
     folder = _task(tmp_path, {"name": "holey", "type": "sts", "splits": {"test": 8}}, rows)
-    with pytest.raises(TaskDataError, match=r"test.jsonl:4: the row has no 'score' field"):
+    with pytest.raises(TaskDataError, match=r"test.jsonl:4: sts row: no 'score' field"):
         load_split(load_spec(folder), "test")
 
 
 def test_an_ill_typed_field_names_file_line_and_field(tmp_path):
     rows = STS_ROWS[:2] + [{"sentence1": "x", "sentence2": "y", "score": "high"}] + STS_ROWS[3:]
     folder = _task(tmp_path, {"name": "typed", "type": "sts", "splits": {"test": 8}}, rows)
-    with pytest.raises(TaskDataError, match=r"test.jsonl:3: 'score' is str"):
+    with pytest.raises(TaskDataError, match=r"test.jsonl:3: sts row: 'score' is str"):
         load_split(load_spec(folder), "test")
 
 

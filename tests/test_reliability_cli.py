@@ -60,7 +60,7 @@ def test_directory_as_input_file(model, tmp_path, capsys):
 @pytest.mark.parametrize(
     "bad, why",
     [(b'{"text": "unterminated', "Unterminated string"), (b'{"txt": "wrong field"}', "no 'text' field"),
-     (b'{"text": 5}', "not a string"), (b'["a list"]', "expected a JSON object, got list"),
+     (b'{"text": 5}', "'text' is int, not str"), (b'["a list"]', "expected a JSON object, got list"),
      (b'\xff\xfe bad utf-8', "invalid UTF-8")],
     ids=["bad-json", "missing-field", "not-a-string", "not-an-object", "invalid-utf8"],
 )

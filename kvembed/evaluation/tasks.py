@@ -16,13 +16,12 @@ the protocol (labels with no example), not bound the cost.
 
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
 from pathlib import Path
 
-from kvembed.files import iter_lines, read_json
+from kvembed.files import iter_lines, json_object, read_json
 
 TASK_TYPES = ("sts", "classification", "clustering", "pair_classification", "reranking", "retrieval")
 
@@ -98,18 +97,11 @@ def _read_jsonl(path: Path, kind: str | None = None, announced: int | None = Non
     for i, line in iter_lines(path):
         if isinstance(line, UnicodeDecodeError):
             raise TaskDataError(f"{path}:{i}: invalid UTF-8 ({line.reason})")
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise TaskDataError(f"{path}:{i}: not valid JSON ({e.msg})") from None
-        for field, types in FIELDS.get(kind, {}).items():
-            if not isinstance(row, dict) or field not in row:
-                raise TaskDataError(f"{path}:{i}: the row has no {field!r} field, which a {kind} row needs")
-            if isinstance(row[field], bool) or not isinstance(row[field], types):
-                raise TaskDataError(f"{path}:{i}: {field!r} is {type(row[field]).__name__}, not what a {kind} row needs")
-        rows.append(row)
+        if line.strip():
+            try:
+                rows.append(json_object(line, FIELDS.get(kind, {})))
+            except ValueError as e:
+                raise TaskDataError(f"{path}:{i}: {kind} row: {e}") from None
     if announced is not None and len(rows) != announced:
         raise TaskDataError(f"{path}: {len(rows)} rows, but task.json announces {announced}; the file is incomplete "
                             "or task.json is wrong")

@@ -11,12 +11,15 @@ Every rank makes the same pass, so every rank sees the same rows and stops on th
 
 from __future__ import annotations
 
+import codecs
 import hashlib
 import json
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
+
+from kvembed.files import json_object
 
 
 class InputError(ValueError):
@@ -47,24 +50,15 @@ class InputIndex:
 def parse_line(raw: bytes, line_no: int, id_field: str, text_field: str):
     """(id, text) of one line, or InputError saying what is wrong with it."""
     try:
-        obj = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise InputError(f"line {line_no}: not a valid UTF-8 JSON object ({e})") from None
-    if not isinstance(obj, dict):
-        raise InputError(f"line {line_no}: expected a JSON object, got {type(obj).__name__}")
-    if text_field not in obj:
-        raise InputError(
-            f"line {line_no}: no {text_field!r} field (fields: {sorted(obj)}); name the text field with --text-field"
-        )
-    text = obj[text_field]
-    if not isinstance(text, str):
-        raise InputError(f"line {line_no}: field {text_field!r} must be a string, got {type(text).__name__}")
+        obj = json_object(raw, {text_field: str})
+    except ValueError as e:
+        raise InputError(f"line {line_no}: {e}") from None
     # A missing id is the line number: stable, unique, and what a user finds in an editor.
     rid = obj.get(id_field, line_no)
     # bool is an int subclass, but True as an id is almost surely a wrong --id-field.
     if isinstance(rid, bool) or not isinstance(rid, (str, int)):
         raise InputError(f"line {line_no}: field {id_field!r} must be a string or an integer, got {rid!r}")
-    return rid, text
+    return rid, obj[text_field]
 
 
 def scan_jsonl(path, *, id_field: str = "id", text_field: str = "text", skip_bad: bool = False) -> InputIndex:
@@ -79,7 +73,7 @@ def scan_jsonl(path, *, id_field: str = "id", text_field: str = "text", skip_bad
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             digest.update(raw)
-            if raw.strip():
+            if raw.removeprefix(codecs.BOM_UTF8).strip():  # a BOM alone is a blank line, as in iter_lines
                 try:
                     rid, _ = parse_line(raw, line_no, id_field, text_field)
                     offsets.append(offset)
@@ -87,7 +81,8 @@ def scan_jsonl(path, *, id_field: str = "id", text_field: str = "text", skip_bad
                     id_keys.append(id_key(rid))
                 except InputError as e:
                     if not skip_bad:
-                        raise InputError(f"{path}: {e} (pass --skip-bad-lines to leave such lines out)") from None
+                        raise InputError(f"{path}: {e} (name the fields with --text-field and --id-field if theirs "
+                                         "differ, or pass --skip-bad-lines to leave such lines out)") from None
                     skipped.append({"line": line_no, "error": str(e)})
             offset += len(raw)
     index = InputIndex(
