@@ -23,9 +23,9 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from .method import Encoded, KVEmbedding, Method, Templated, check_template, encode_text, pool, set_field
+from .method import Encoded, KVEmbedding, Method, Templated, encode_text, pool, set_field
 from .model import Decoder, Intervention
-from .switches import SwitchError, check_choice
+from .switches import POOLINGS, SwitchError, check_choice, check_template
 
 
 def clean_text(text: str) -> str:
@@ -180,13 +180,12 @@ class MetaEOL(Method):
 
     name: ClassVar[str] = "metaeol"
     TEMPLATES: ClassVar[tuple[str, ...]] = METAEOL_TEMPLATES
-    POOLINGS: ClassVar[tuple[str, ...]] = ("last", "mean", "hybrid", "text")
 
     pooling: str = "last"
     cleanup: bool = True
 
     def __post_init__(self):
-        check_choice("metaeol pooling", self.pooling, self.POOLINGS)
+        check_choice("metaeol pooling", self.pooling, POOLINGS)
 
     def config(self) -> dict:
         return {**super().config(), "templates": list(self.TEMPLATES)}  # the prompts change the output too
@@ -310,7 +309,6 @@ class TokenPrepending(Cleaned):
 
     name: ClassVar[str] = "token_prepending"
     DEFAULT_TEMPLATE: ClassVar[str] = TP_TEMPLATE
-    POOLINGS: ClassVar[tuple[str, ...]] = ("last", "mean", "hybrid", "text")
 
     prepend_layers: int = 6
     exit_layer: int | str = -2
@@ -318,11 +316,7 @@ class TokenPrepending(Cleaned):
 
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.prepend_layers, bool) or not isinstance(self.prepend_layers, int) or self.prepend_layers < 1:
-            raise SwitchError(f"prepend_layers={self.prepend_layers!r}: token_prepending needs k >= 1 (the placeholder "
-                              "is overwritten in layers 1..k)")
-        if self.exit_layer != "final" and (isinstance(self.exit_layer, bool) or not isinstance(self.exit_layer, int)):
-            raise SwitchError(f"exit_layer={self.exit_layer!r}: a layer index (e.g. -2) or 'final'")
+        self.check_switches("prepend_layers", "exit_layer")
 
     def check_template(self, template: str) -> str:
         check_template(template)

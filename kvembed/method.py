@@ -28,18 +28,12 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from .model import QKV, Decoder, Intervention, Prefix, apply_rope
-from .switches import POOLINGS, ROPE_MODES, SwitchError, check_choice
+from .switches import POOLINGS, SWITCHES, SwitchError, check_choice, check_template
 
 # §1.1 The final token is asked to summarise the text instead of predicting the next word.
 DOCUMENT_TEMPLATE = '"Context: {text}" Compress the Context in one word:'
 QUERY_TEMPLATE = '"Query: {text}" Compress the Query in one word:'
 RAW_TEMPLATE = "{text}"  # template "none": the text alone
-
-
-def check_template(template: str) -> str:
-    if not isinstance(template, str) or "{text}" not in template:
-        raise SwitchError(f"template {template!r} must be a string with a {{text}} slot, e.g. {DOCUMENT_TEMPLATE!r}")
-    return template
 
 
 def fill(template: str, text: str) -> str:
@@ -228,6 +222,7 @@ def pool(hidden: Tensor, attention_mask: Tensor, pooling: str = "hybrid", normal
     hybrid = (mean over real tokens + final token) / 2 (SPEC §1.3), mean, last, or text: the mean over each
     row's `span` (B, 2) only, the text's own tokens without template or special tokens.
     """
+    check_choice("pooling", pooling, POOLINGS)
     h = hidden.float()
     B, T, _ = h.shape
     final = h[torch.arange(B, device=h.device), attention_mask.sum(-1) - 1]  # (B, C)
@@ -237,14 +232,12 @@ def pool(hidden: Tensor, attention_mask: Tensor, pooling: str = "hybrid", normal
         mask = attention_mask.to(h.dtype)[..., None]  # (B, T, 1)
         mean = (h * mask).sum(1) / mask.sum(1)  # prompt tokens included, padding excluded
         e = mean if pooling == "mean" else (mean + final) / 2
-    elif pooling == "text":
+    else:  # text
         if span is None:
             raise ValueError("pooling='text' needs each row's text span (collate token views, not bare ids)")
         t = torch.arange(T, device=h.device)
         inside = ((t >= span[:, :1]) & (t < span[:, 1:])).to(h.dtype)[..., None]  # (B, T, 1)
         e = (h * inside).sum(1) / inside.sum(1)
-    else:
-        raise ValueError(f"pooling={pooling!r}: choose one of {', '.join(POOLINGS)}")
     return F.normalize(e, dim=-1) if normalize else e
 
 
@@ -278,8 +271,8 @@ def kv_embed(
     normalize: bool = True,
 ) -> Tensor:
     """KV-Embedding of a prompted, padded batch: (B, C) fp32."""
-    check_choice("rope_mode", rope_mode, ROPE_MODES)
-    check_choice("passes", passes, (1, 2))
+    SWITCHES["rope_mode"].check("rope_mode", rope_mode)
+    SWITCHES["passes"].check("passes", passes)
     captured = capture_final_kv(model, batch, layers) if passes == 2 and layers else None
     plan = ReRouting(frozenset(layers), float(bias), rope_mode, batch.last, captured) if layers else None
     out = model(batch.input_ids, batch.attention_mask, intervention=plan)
@@ -323,6 +316,11 @@ class Method:
 
     def _normalize(self, normalize: bool | None) -> bool:
         return self.normalize if normalize is None else normalize
+
+    def check_switches(self, *names: str) -> None:
+        # by the switch table's checks: a method built directly has not been through the encoder's switches.check
+        for name in names:
+            set_field(self, name, SWITCHES[name].check(name, getattr(self, name)))
 
 
 @dataclass(frozen=True)
@@ -390,9 +388,7 @@ class KVEmbedding(Templated):
     def __post_init__(self):
         super().__post_init__()
         set_field(self, "layers", tuple(self.layers))
-        set_field(self, "bias", float(self.bias))
-        check_choice("rope_mode", self.rope_mode, ROPE_MODES)
-        check_choice("passes", self.passes, (1, 2))
+        self.check_switches("bias", "rope_mode", "passes")
 
     def embed(self, model: Decoder, views: list[list[Encoded]], collate_fn, normalize: bool | None = None) -> Tensor:
         batch = collate_fn([v[0] for v in views])

@@ -56,9 +56,9 @@ def check_bool(name: str, value) -> bool:
     return value
 
 
-def check_int(name: str, value, minimum: int | None = None) -> int:
+def check_int(name: str, value, minimum: int | None = None, what: str = "an integer") -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
-        raise SwitchError(f"{name}={value!r}: pass an integer, not {type(value).__name__}")
+        raise SwitchError(f"{name}={value!r}: pass {what}, not {type(value).__name__}")
     if minimum is not None and value < minimum:
         raise SwitchError(f"{name}={value!r}: must be >= {minimum}")
     return int(value)
@@ -91,10 +91,11 @@ def check_layers(name: str, value):
     return tuple(sorted(set(out)))
 
 
-def check_template(name: str, value) -> str:
-    if not isinstance(value, str) or "{text}" not in value and value not in TEMPLATE_WORDS:
-        raise SwitchError(f"{name}={value!r}: pass a string with a {{text}} slot, or one of "
-                          f"{', '.join(TEMPLATE_WORDS)}")
+def check_template(value, name: str = "template", words: tuple[str, ...] = ()) -> str:
+    """A prompt with a {text} slot; as a switch, also one of the named templates `words` (the method resolves them)."""
+    if not isinstance(value, str) or "{text}" not in value and value not in words:
+        named = f", or one of {', '.join(words)}" if words else ""
+        raise SwitchError(f"{name}={value!r}: pass a string with a {{text}} slot{named}")
     return value
 
 
@@ -177,16 +178,17 @@ SWITCHES: dict[str, Switch] = {s.name: s for s in (
            "tokens only (no template, no special tokens); each method has its own default"),
     Switch("normalize", ALL_METHODS, parse_bool, check_bool, (True, False), True,
            "L2-normalise the embeddings (the default of encode's normalize_embeddings)"),
-    Switch("template", TEMPLATED, str, check_template, None, None,
+    Switch("template", TEMPLATED, str, lambda n, v: check_template(v, n, TEMPLATE_WORDS), None, None,
            "prompt with a {text} slot, 'none' (the raw text), 'kvembedding' (KV-Embedding's prompts); echo: 'paper' or "
            "'repo'; default: the method's own"),
-    Switch("query_template", TEMPLATED, str, check_template, None, None,
+    Switch("query_template", TEMPLATED, str, lambda n, v: check_template(v, n, TEMPLATE_WORDS), None, None,
            "prompt for queries (prompt_name='query'); default: the method's"),
     Switch("cleanup", ("prompteol", "metaeol", "token_prepending"), parse_bool, check_bool, (True, False), True,
            "the authors' text clean-up before filling the prompt: final '.', '\"' -> \"'\", final '?' -> '.'"),
     Switch("exit_layer", ("token_prepending",),
            lambda t: "final" if t.strip().lower() in ("final", "none") else parse_int(t),
-           lambda n, v: "final" if v == "final" else check_int(n, v), None, -2,
+           lambda n, v: "final" if v == "final" else check_int(n, v, what="a layer index (e.g. -2) or 'final'"),
+           None, -2,
            "layer whose raw output is pooled (python index, -2 = second to last), or 'final' for the final norm"),
     Switch("prepend_layers", ("token_prepending",), parse_int, lambda n, v: check_int(n, v, minimum=1), None, 6,
            "k: the placeholder takes the previous layer's final-token state before layers 1..k"),
