@@ -21,8 +21,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from .cli_options import (DTYPE_CHOICES, NAMED_MODELS_HELP, add_model_options, embedder_from_args,
-                          join_negative_values, positive_int)
+from .cli_options import add_model_options, embedder_from_args, join_negative_values, positive_int
 from .files import atomic_output, atomic_write, is_jsonl, read_texts
 
 EXIT_OK, EXIT_BUG, EXIT_INPUT, EXIT_MODEL, EXIT_EMBED, EXIT_INTERRUPTED = 0, 1, 2, 3, 4, 130
@@ -126,21 +125,18 @@ def run_embed(args) -> int:
 
 
 def add_select_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default=None, help=NAMED_MODELS_HELP + " (default: smollm2-135m)")
     p.add_argument("--corpus", default=None,
                    help="FILE.jsonl (a \"text\" field per row) or FILE.txt (a text per line); "
                         "without it, print the selection shipped for the model")
     p.add_argument("--n", type=positive_int, default=1000, help="texts sampled from the corpus (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample (default 0)")
     p.add_argument("--batch-size", type=positive_int, default=32)
-    p.add_argument("--max-length", type=positive_int, default=512, help="token budget per prompted text (default 512)")
     p.add_argument("--template", default=None,
                    help='prompt the texts are wrapped in: default the document template, "none" for the raw '
                         "text, or any string with a {text} slot")
-    p.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
-    p.add_argument("--device", default="cpu")
     p.add_argument("--cache-dir", default=None, help="where selections are cached (default: <cache root>/layer_select)")
     p.add_argument("--json", dest="json_out", default=None, metavar="OUT", help="also write the selection as JSON")
+    add_model_options(p, max_length=512, method=False)  # 512: the budget the shipped selections were made with
 
 
 def run_select(args) -> int:

@@ -10,20 +10,17 @@ from __future__ import annotations
 import argparse
 import re
 
-from .switches import ALL_METHODS, SWITCHES, SwitchError, parse
+from .switches import ALL_METHODS, SWITCHES, SwitchError, check_int, parse, parse_int
 
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 NAMED_MODELS_HELP = "local folder, hub id, .gguf file, or a named model (smollm2-135m, qwen2.5-coder-0.5b)"
 
 
 def positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be a positive integer")
-    return value
+    try:  # argparse's message names the option
+        return check_int("value", parse_int(text), minimum=1)
+    except SwitchError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
 
 
 def switch_type(name: str):
@@ -47,15 +44,18 @@ def add_switch_options(p: argparse.ArgumentParser) -> None:
                        choices=sw.choices, metavar=metavar)
 
 
-def add_model_options(p: argparse.ArgumentParser, *, device: str = "cpu") -> None:
-    g = p.add_argument_group("model and method")
+def add_model_options(p: argparse.ArgumentParser, *, device="cpu", max_length=None, method=True) -> None:
+    g = p.add_argument_group("model and method" if method else "model")
     g.add_argument("--model", default=None, help=NAMED_MODELS_HELP + " (default: smollm2-135m)")
-    g.add_argument("--method", default="kvembedding",
-                   help=f"kvembedding (default) or a baseline: {', '.join(ALL_METHODS[1:])}")
+    if method:
+        g.add_argument("--method", default="kvembedding",
+                       help=f"kvembedding (default) or a baseline: {', '.join(ALL_METHODS[1:])}")
     g.add_argument("--dtype", default="float32", choices=DTYPE_CHOICES)
     g.add_argument("--device", default=device, help=f"cpu, cuda, cuda:N (default {device})")
-    g.add_argument("--max-length", type=positive_int, default=None,
-                   help="tokens per text, longer texts are cut on the text side (default: the model's context)")
+    g.add_argument("--max-length", type=positive_int, default=max_length, help="tokens per text, longer texts are "
+                   "cut on the text side (default: %s)" % (max_length or "the model's context"))
+    if not method:
+        return
     g.add_argument("--id-corpus", default=None, help="texts for --layers auto on a model without a shipped selection")
     g.add_argument("--compile", action="store_true", help="run the decoder under torch.compile")
     add_switch_options(p)

@@ -235,13 +235,13 @@ def test_cr_only_line_ends_are_line_ends(model, tmp_path):
 
 
 @pytest.mark.parametrize("args, words", [
-    (["--max-length", "0"], "must be a positive integer"),
+    (["--max-length", "0"], "must be >= 1"),
     (["--bias", "nan"], "not finite"),
     (["--bias", "inf"], "not finite"),
     (["--layers", "5-3"], "reversed"),
     (["--layers", "1.7"], "layers"),
     (["--normalize", "yes please"], "not a boolean"),
-    (["--batch-size", "0"], "must be a positive integer"),
+    (["--batch-size", "0"], "must be >= 1"),
 ])
 def test_bad_values_are_refused_with_their_reason(model, capsys, args, words):
     with pytest.raises(SystemExit) as e:
