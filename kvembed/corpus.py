@@ -34,7 +34,7 @@ from kvembed.scale.inputs import read_rows, scan_jsonl
 from kvembed.scale.manifest import (FORMAT, OutdirError, assemble, check_or_claim, intact, load_corpus_embeddings,
                                    read_manifest, run_key)
 from kvembed.scale.parts import finished_record, json_bytes, n_parts, part_range, remove_stale_tmp, write_part
-from kvembed.scale.progress import Progress, fmt_seconds
+from kvembed.scale.progress import Progress, fmt_seconds, say
 
 __all__ = ["embed_corpus", "load_corpus_embeddings", "add_arguments", "run", "main"]
 
@@ -123,8 +123,7 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
     if world_size is None:
         world_size = dist.get_world_size() if dist.is_initialized() else 1
     finalize = rank == 0 if finalize is None else finalize
-    log = log if log is not None else sys.stderr
-    say = (lambda s: None) if quiet else (lambda s: print(s, file=log, flush=True))
+    out = None if quiet else log if log is not None else sys.stderr
     outdir = Path(outdir)
     t0 = time.monotonic()
 
@@ -149,7 +148,7 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
     }
     if index.duplicates:
         config["duplicate_ids"] = index.duplicates  # informational: rows are positional, every one is kept
-        say(f"[rank {rank}] warning: {index.duplicates['count']} row(s) repeat an earlier id (first: "
+        say(out, f"[rank {rank}] warning: {index.duplicates['count']} row(s) repeat an earlier id (first: "
             f"{index.duplicates['examples'][:3]}); every row is embedded and kept in input order, so look rows up "
             "by position, or give unique ids")
     key = run_key(config)
@@ -162,7 +161,7 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
     if rank == 0:
         stale = remove_stale_tmp(outdir)
         if stale:
-            say(f"[rank 0] removed {stale} unfinished temporary file(s) of an interrupted run")
+            say(out, f"[rank 0] removed {stale} unfinished temporary file(s) of an interrupted run")
     barrier()
     t_setup = time.monotonic()
 
@@ -178,8 +177,8 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
         return len(seen), sum(seen.values())
 
     progress = Progress(rank, world_size, rows_todo, total_rows=n_rows, total_parts=total_parts,
-                        done_on_disk=done_on_disk if rank == 0 else None, every=log_every, out=None if quiet else log)
-    say(f"[rank {rank}/{world_size}] {n_rows} rows in {total_parts} parts of {part_size}; mine: {len(mine)}, "
+                        done_on_disk=done_on_disk if rank == 0 else None, every=log_every, out=out)
+    say(out, f"[rank {rank}/{world_size}] {n_rows} rows in {total_parts} parts of {part_size}; mine: {len(mine)}, "
         f"{len(mine) - len(todo)} already finished, {len(todo)} to compute ({rows_todo} rows)")
     for k in todo:
         start, end = part_range(k, part_size, n_rows)
@@ -208,7 +207,7 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
     reuse = not any(r["parts_computed"] for r in ranks) and (outdir / "manifest.json").is_file()
     already = reuse and intact(outdir, key)
     if reuse and not already:
-        say(f"[rank 0] {outdir}: manifest.json is damaged or embeddings.npy or ids.json does not match it; "
+        say(out, f"[rank 0] {outdir}: manifest.json is damaged or embeddings.npy or ids.json does not match it; "
             "rebuilding them from the verified parts")
     manifest = read_manifest(outdir) if already else assemble(outdir, config, n_rows)
     totals = {f: sum(r[f] for r in ranks) for f in ("parts_computed", "parts_skipped", "rows_computed")}
@@ -221,12 +220,12 @@ def embed_corpus(input_path, outdir, embedder, *, method: dict | None = None, dt
         "assembled": not already, "ranks": ranks,
     }
     (outdir / "summary.json").write_bytes(json_bytes(summary))  # a log of the last run, not output
-    say(f"[done] {n_rows} rows, dim {config['dim']}: computed {summary['parts_computed']} parts "
+    say(out, f"[done] {n_rows} rows, dim {config['dim']}: computed {summary['parts_computed']} parts "
         f"({totals['rows_computed']} rows), reused {summary['parts_skipped']}, skipped {len(index.skipped)} bad lines, "
         f"{manifest['truncated']} texts cut to max_length; "
         f"{summary['texts_per_s']} texts/s over {world_size} rank(s) in {fmt_seconds(wall_embed)} -> {outdir}")
     for r in ranks:
-        say(f"[done]   rank {r['rank']}: {r['parts_computed']} parts, {r['rows_computed']} rows, "
+        say(out, f"[done]   rank {r['rank']}: {r['parts_computed']} parts, {r['rows_computed']} rows, "
             f"{r['texts_per_s']} texts/s")
     return summary
 

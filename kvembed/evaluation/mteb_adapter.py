@@ -36,16 +36,20 @@ def _slug(text: str) -> str:
 
 
 def describe(embedder, name: str | None = None, method: str | None = None, switches: dict | None = None):
-    """(model name, method name, switches) of an embedder: what the mteb name and metadata are made of.
+    """(model name, method name, switches, re-routed layers) of an embedder: what the mteb name and metadata and
+    a report's row are made of.
 
     A KVEmbedder names itself (the folder it loaded and its method's config); other embedders (the lexical
-    floor, test doubles) give what they have. Never an object's repr: that changes from run to run."""
+    floor, test doubles) give what they have. Never an object's repr: that changes from run to run. The layers
+    are as the method reports them ("n/a" for methods without re-routing)."""
     m = getattr(embedder, "method", None)
     config = m.config() if hasattr(m, "config") else {}
     loaded = getattr(embedder, "loaded", None)
     model = name or (loaded.path.name if loaded is not None else getattr(embedder, "model_name", None)) or "model"
     method = method or config.get("method") or (m if isinstance(m, str) else "kvembedding")
-    return model, method, {**{k: v for k, v in config.items() if k != "method"}, **(switches or {})}
+    layers = getattr(m, "layers", None)
+    layers = "n/a" if layers is None or callable(layers) else ",".join(map(str, layers)) or "none"
+    return model, method, {**{k: v for k, v in config.items() if k != "method"}, **(switches or {})}, layers
 
 
 class KVEmbeddingMTEB(AbsEncoder):
@@ -60,7 +64,7 @@ class KVEmbeddingMTEB(AbsEncoder):
                  switches: dict | None = None):
         self.model = embedder
         self.encoder = CachedEncoder(embedder, cache, batch_size=batch_size, show_progress_bar=show_progress_bar)
-        model, method, config = describe(embedder, name, method, switches)
+        model, method, config, _ = describe(embedder, name, method, switches)
         self.mteb_model_meta = ModelMeta.create_empty(overwrites=dict(
             # mteb wants "organization/model"; the method is part of the name so results folders keep methods apart,
             # and the fingerprint (weights + method + switches + limits) is the revision: stable from run to run.

@@ -2,7 +2,7 @@
 
 `evaluate_task` builds the in-memory mteb task (mteb_tasks.py) and calls the task's own
 `evaluate`, so the score is mteb's. `run_method` loops over tasks for one embedder (`make_embedder`);
-a `Table` of such runs is what report.py writes.
+`run_methods` times several into the `Table` that report.py writes.
 
 Splits: `test` is for reporting only. A task without the requested split (e.g. Banking77 or the
 clustering sets under `--split validation`) is skipped and says so; it never falls back to test.
@@ -89,14 +89,6 @@ def make_embedder(model: str | None, method: str, switches: dict | None = None, 
     return KVEmbedder.from_pretrained(model, method=method, dtype=dtype, device=device, **extra, **(switches or {}))
 
 
-def describe_layers(embedder) -> str:
-    """The re-routed layers as the embedder's method reports them ("n/a" for methods without re-routing)."""
-    layers = getattr(getattr(embedder, "method", None), "layers", None)
-    if layers is None or callable(layers):
-        return "n/a"
-    return ",".join(map(str, layers)) or "none"
-
-
 def _clean(scores: dict) -> dict:
     """Top-level numeric scores only (mteb also returns per-experiment lists), as plain floats."""
     return {k: float(v) for k, v in scores.items()
@@ -181,7 +173,8 @@ def run_method(embedder, specs: list[TaskSpec], *, split: str = "test", max_rows
                max_text_tokens: int | None = None) -> MethodRun:
     """Every task for one embedder. `task_rows` overrides `max_rows` per task name; `max_text_tokens` cuts every
     text to its first N tokens before any prompt (the same cut for every method of one model)."""
-    method = method or describe(embedder)[1]
+    _, described, _, layers = describe(embedder)
+    method = method or described
     tokenizer = getattr(embedder, "tokenizer", None)
     cut = TextCap(tokenizer, max_text_tokens) if max_text_tokens and tokenizer is not None else None
     adapter = KVEmbeddingMTEB(embedder, cache=cache, batch_size=batch_size, show_progress_bar=show_progress_bar,
@@ -195,8 +188,21 @@ def run_method(embedder, specs: list[TaskSpec], *, split: str = "test", max_rows
         log.info("%s %s/%s %s rows=%d encoded=%d %.1fs", label or method, spec.name, split, shown, r.rows,
                  r.texts_encoded, r.wall_s)
         results.append(r)
-    return MethodRun(label or method, method, dict(switches or {}), embedder.fingerprint, describe_layers(embedder),
-                     results, round(time.perf_counter() - t0, 3))
+    return MethodRun(label or method, method, dict(switches or {}), embedder.fingerprint, layers, results,
+                     round(time.perf_counter() - t0, 3))
+
+
+def run_methods(embedders, specs: list[TaskSpec], *, model: str | None, dtype: str, split: str,
+                max_rows: int | None, seed: int, command: str, kind: str = "eval", task_rows: dict | None = None,
+                max_text_tokens: int | None = None, **run) -> Table:
+    """A Table of `run_method` per (label, method, switches, embedder), timed (with a generator, building too)."""
+    t0 = time.perf_counter()
+    runs = [run_method(e, specs, split=split, max_rows=max_rows, seed=seed, label=label, method=method, switches=sw,
+                       model_name=model, task_rows=task_rows, max_text_tokens=max_text_tokens, **run)
+            for label, method, sw, e in embedders]
+    return Table(model=model or "default", dtype=dtype, split=split, max_rows=max_rows, seed=seed, command=command,
+                 runs=runs, wall_s=round(time.perf_counter() - t0, 3), kind=kind, task_rows=task_rows or {},
+                 max_text_tokens=max_text_tokens)
 
 
 def type_averages(run: MethodRun) -> dict:

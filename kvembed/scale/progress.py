@@ -21,6 +21,11 @@ def fmt_seconds(s: float) -> str:
     return f"{h}h{m:02d}m" if h else f"{m}m{sec:02d}s" if m else f"{sec}s"
 
 
+def say(out: TextIO | None, line: str) -> None:
+    if out is not None:
+        print(line, file=out, flush=True)
+
+
 def rate_and_eta(rows: int, left: int, elapsed: float) -> str:
     rate = rows / elapsed if elapsed > 0 else 0.0
     return f"{rate:.1f} texts/s  ETA {fmt_seconds(left / rate if rate > 0 else float('inf'))}"
@@ -47,10 +52,6 @@ class Progress:
         # Rows already on disk when this run started do not count towards this run's rate.
         self.disk_start = self.done_on_disk()[1] if self.done_on_disk else 0
 
-    def say(self, line: str) -> None:
-        if self.out is not None:
-            print(line, file=self.out, flush=True)
-
     def advance(self, rows: int, *, force: bool = False) -> None:
         """Count `rows` more embedded texts; print at most once every `every` seconds unless forced."""
         self.rows += rows
@@ -59,9 +60,9 @@ class Progress:
             return
         self.last_log = now
         elapsed = now - self.start
-        self.say(f"[rank {self.rank}/{self.world}] {self.rows}/{self.rank_total} rows  "
-                 + rate_and_eta(self.rows, self.rank_total - self.rows, elapsed))
+        say(self.out, f"[rank {self.rank}/{self.world}] {self.rows}/{self.rank_total} rows  "
+            + rate_and_eta(self.rows, self.rank_total - self.rows, elapsed))
         if self.done_on_disk is not None:
             parts, disk_rows = self.done_on_disk()
-            self.say(f"[all {self.world} ranks] parts {parts}/{self.total_parts}  {disk_rows}/{self.total_rows} rows  "
-                     + rate_and_eta(disk_rows - self.disk_start, self.total_rows - disk_rows, elapsed))
+            say(self.out, f"[all {self.world} ranks] parts {parts}/{self.total_parts}  {disk_rows}/{self.total_rows} "
+                "rows  " + rate_and_eta(disk_rows - self.disk_start, self.total_rows - disk_rows, elapsed))
