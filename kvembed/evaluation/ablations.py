@@ -16,7 +16,9 @@ rotated, 1 pass, hybrid pooling, the compression prompt):
 
 from __future__ import annotations
 
-from .runners import Table, make_embedder, run_methods
+import time
+
+from .runners import Table, make_embedder, run_method
 from .tasks import select_tasks
 
 ABLATION_TASKS = ("stsb", "mrpc", "trecqa")
@@ -62,15 +64,17 @@ def run_ablations(model: str | None, *, split: str = ABLATION_SPLIT, dtype: str 
         raise ValueError(f"ablation tasks {unknown} are not among {', '.join(ABLATION_TASKS)}")
     specs = select_tasks(tasks, data_dir)
     base = dict(base or {})
-
-    def rows():  # lazy: each embedder is built inside run_methods' timing, as the grid reaches it
-        default = make(model, method, base, dtype=dtype, device=device, data_dir=data_dir)
-        for label, switches in ablation_grid(default.args.num_hidden_layers) if grid is None else grid:
-            switches = {**base, **switches}
-            embedder = default if switches == base else make(model, method, switches, dtype=dtype, device=device,
-                                                              data_dir=data_dir)
-            yield label, method, switches, embedder
-
-    return run_methods(rows(), specs, model=model, dtype=dtype, split=split, max_rows=max_rows, seed=seed,
-                       command=command, kind="ablations", cache=cache, batch_size=batch_size,
-                       show_progress_bar=show_progress_bar)
+    t0 = time.perf_counter()
+    runs = []
+    default = make(model, method, base, dtype=dtype, device=device, data_dir=data_dir)
+    if grid is None:
+        grid = ablation_grid(default.args.num_hidden_layers)
+    for label, switches in grid:
+        switches = {**base, **switches}
+        embedder = default if switches == base else make(model, method, switches, dtype=dtype, device=device,
+                                                          data_dir=data_dir)
+        runs.append(run_method(embedder, specs, split=split, max_rows=max_rows, seed=seed, cache=cache,
+                               batch_size=batch_size, show_progress_bar=show_progress_bar, label=label,
+                               method=method, switches=switches, model_name=model))
+    return Table(model=model or "default", dtype=dtype, split=split, max_rows=max_rows, seed=seed, command=command,
+                 runs=runs, wall_s=round(time.perf_counter() - t0, 3), kind="ablations")

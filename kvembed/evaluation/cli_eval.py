@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+import time
 import warnings
 from pathlib import Path
 
@@ -125,7 +126,7 @@ def run(args) -> int:
     from .ablations import run_ablations
     from .cache import EmbeddingCache
     from .report import combine_reports, write_report
-    from .runners import make_embedder, run_methods
+    from .runners import Table, make_embedder, run_method
     from .tasks import select_tasks
 
     if args.combine:
@@ -143,9 +144,8 @@ def run(args) -> int:
     for name in ("mteb", "datasets", "httpx", "urllib3"):
         logging.getLogger(name).setLevel(logging.ERROR)
     data_dir = args.data_dir or default_data_dir()
-    shared = dict(dtype=args.dtype, max_rows=args.max_rows, seed=args.seed, command=args.command,
-                  batch_size=args.batch_size, show_progress_bar=not args.no_progress,
-                  cache=None if args.no_cache else EmbeddingCache(args.cache_dir))  # None: $KVEMBED_CACHE/eval
+    cache = None if args.no_cache else EmbeddingCache(args.cache_dir)  # None: $KVEMBED_CACHE/eval
+    progress = not args.no_progress
 
     if args.ablations:
         split = args.split or "validation"  # run_ablations refuses any other
@@ -155,9 +155,11 @@ def run(args) -> int:
         if fixed:
             raise SwitchError(f"--ablations varies the switches itself; drop "
                               f"{', '.join('--' + k.replace('_', '-') for k in fixed)}")
-        table = run_ablations(args.model, split=split, device=args.device, data_dir=data_dir,
+        table = run_ablations(args.model, split=split, dtype=args.dtype, device=args.device, data_dir=data_dir,
+                              max_rows=args.max_rows, seed=args.seed, cache=cache, batch_size=args.batch_size,
+                              show_progress_bar=progress, command=args.command,
                               tasks=None if args.tasks == "all" else args.tasks.split(","),
-                              base={} if args.max_length is None else {"max_length": args.max_length}, **shared)
+                              base={} if args.max_length is None else {"max_length": args.max_length})
     else:
         split = args.split or "test"
         specs = select_tasks(args.tasks, data_dir)
@@ -165,11 +167,18 @@ def run(args) -> int:
         if unknown:
             raise ValueError(f"--task-rows names {unknown}, which are not among the tasks run "
                              f"({', '.join(s.name for s in specs)})")
-        rows = ((label, m, sw, make_embedder(args.model, m, sw, dtype=args.dtype, device=args.device,
-                                             data_dir=data_dir, id_corpus=args.id_corpus))
-                for label, m, sw in method_list(args))
-        table = run_methods(rows, specs, model=args.model, split=split, task_rows=args.task_rows,
-                            max_text_tokens=args.max_text_tokens, **shared)
+        t0 = time.perf_counter()
+        runs = []
+        for label, method, switches in method_list(args):
+            embedder = make_embedder(args.model, method, switches, dtype=args.dtype, device=args.device,
+                                     data_dir=data_dir, id_corpus=args.id_corpus)
+            runs.append(run_method(embedder, specs, split=split, max_rows=args.max_rows, seed=args.seed,
+                                   cache=cache, batch_size=args.batch_size, show_progress_bar=progress,
+                                   label=label, method=method, switches=switches, model_name=args.model,
+                                   task_rows=args.task_rows, max_text_tokens=args.max_text_tokens))
+        table = Table(model=args.model or "default", dtype=args.dtype, split=split, max_rows=args.max_rows,
+                      seed=args.seed, command=args.command, runs=runs, wall_s=round(time.perf_counter() - t0, 3),
+                      task_rows=args.task_rows, max_text_tokens=args.max_text_tokens)
     md, js = write_report(table, args.out, args.name or table.kind)  # default stem: eval, or ablations
     print(md.read_text(encoding="utf-8"))
     print(f"wrote {md} and {js}")

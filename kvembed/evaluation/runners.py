@@ -2,7 +2,7 @@
 
 `evaluate_task` builds the in-memory mteb task (mteb_tasks.py) and calls the task's own
 `evaluate`, so the score is mteb's. `run_method` loops over tasks for one embedder (`make_embedder`);
-`run_methods` times several into the `Table` that report.py writes.
+a `Table` of such runs is what report.py writes.
 
 Splits: `test` is for reporting only. A task without the requested split (e.g. Banking77 or the
 clustering sets under `--split validation`) is skipped and says so; it never falls back to test.
@@ -190,19 +190,6 @@ def run_method(embedder, specs: list[TaskSpec], *, split: str = "test", max_rows
         results.append(r)
     return MethodRun(label or method, method, dict(switches or {}), embedder.fingerprint, layers, results,
                      round(time.perf_counter() - t0, 3))
-
-
-def run_methods(embedders, specs: list[TaskSpec], *, model: str | None, dtype: str, split: str,
-                max_rows: int | None, seed: int, command: str, kind: str = "eval", task_rows: dict | None = None,
-                max_text_tokens: int | None = None, **run) -> Table:
-    """A Table of `run_method` per (label, method, switches, embedder), timed (with a generator, building too)."""
-    t0 = time.perf_counter()
-    runs = [run_method(e, specs, split=split, max_rows=max_rows, seed=seed, label=label, method=method, switches=sw,
-                       model_name=model, task_rows=task_rows, max_text_tokens=max_text_tokens, **run)
-            for label, method, sw, e in embedders]
-    return Table(model=model or "default", dtype=dtype, split=split, max_rows=max_rows, seed=seed, command=command,
-                 runs=runs, wall_s=round(time.perf_counter() - t0, 3), kind=kind, task_rows=task_rows or {},
-                 max_text_tokens=max_text_tokens)
 
 
 def type_averages(run: MethodRun) -> dict:
