@@ -88,8 +88,8 @@ FIELDS = {
 }
 
 
-def _read_jsonl(path: Path, kind: str | None = None, announced: int | None = None) -> list[dict]:
-    """Every object of a JSON-lines file; with `kind`, each must carry FIELDS[kind] (the error names file:line);
+def _read_jsonl(path: Path, kind: str, announced: int | None = None) -> list[dict]:
+    """Every `kind` row of a JSON-lines file, each carrying FIELDS[kind] (the error names file:line and kind);
     with `announced`, there must be that many (a task is never scored on fewer rows than it announces)."""
     if not path.is_file():
         raise TaskDataError(f"{path}: file not found; check --data-dir (or $KVEMBED_DATA) and the task's splits")
