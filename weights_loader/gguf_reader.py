@@ -63,7 +63,8 @@ def load_gguf(path, *, keep_lm_head: bool = True) -> tuple[dict, dict[str, torch
     try:
         reader = GGUFReader(path)
     except Exception as e:  # the gguf package raises ValueError/struct errors on a truncated or foreign file
-        raise CorruptFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); re-download or re-convert it") from e
+        raise CorruptFileError(f"{path}: not a readable GGUF file ({type(e).__name__}: {e}); "
+                               "re-download or re-convert it") from e
     meta = {k: f.contents() for k, f in reader.fields.items()}  # GGUF key -> str, int, float, bool or a list
     config = gguf_config(meta, [t.name for t in reader.tensors], path)
     tensors = {}
