@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from safetensors.torch import load_file, save_file
 
 from tests import tiny
 from tests.test_default_model import fake_wheel, pinned
-from weights_loader import CheckpointMismatchError, CorruptFileError, InvalidConfigError, load_model
+from weights_loader import CheckpointMismatchError, CorruptFileError, InvalidConfigError, WeightsError, load_model
 from weights_loader import model_cache, wheel_fetch
+from weights_loader.gguf_tokenizer import tokenizer_from_gguf
 from weights_loader.model_cache import DONE_FILE, MODEL_FILES, named_model_path
 from weights_loader.named_models import SMOLLM2
 
@@ -153,11 +155,6 @@ def test_truncated_gguf_is_named(tmp_path):
 def test_a_gguf_tokenizer_without_merges_is_named(kind, needs):
     """Byte-level BPE cannot recover merges (it has no scores; this used to be an AttributeError); sentencepiece
     recovers them from scores, so only a file with neither is refused. Either way a WeightsError naming the file."""
-    import re
-
-    from weights_loader.errors import WeightsError
-    from weights_loader.gguf_tokenizer import tokenizer_from_gguf
-
     meta = {"tokenizer.ggml.model": kind, "tokenizer.ggml.tokens": ["a", "b", "ab"]}
     with pytest.raises(WeightsError, match=rf"m\.gguf: a '{kind}'.*{re.escape(needs)}"):
         tokenizer_from_gguf(meta, "m.gguf")

@@ -99,7 +99,7 @@ def _read_jsonl(path: Path, kind: str, announced: int | None = None) -> list[dic
             raise TaskDataError(f"{path}:{i}: invalid UTF-8 ({line.reason})")
         if line.strip():
             try:
-                rows.append(json_object(line, FIELDS.get(kind, {})))
+                rows.append(json_object(line, FIELDS[kind]))
             except ValueError as e:
                 raise TaskDataError(f"{path}:{i}: {kind} row: {e}") from None
     if announced is not None and len(rows) != announced:

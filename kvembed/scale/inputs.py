@@ -73,7 +73,8 @@ def scan_jsonl(path, *, id_field: str = "id", text_field: str = "text", skip_bad
     with open(path, "rb") as f:
         for line_no, raw in enumerate(f, start=1):
             digest.update(raw)
-            if raw.removeprefix(codecs.BOM_UTF8).strip():  # a BOM alone is a blank line, as in iter_lines
+            # A BOM starts the file, not its first line (as in files.iter_lines): then a lone BOM is a blank line.
+            if (raw.removeprefix(codecs.BOM_UTF8) if line_no == 1 else raw).strip():
                 try:
                     rid, _ = parse_line(raw, line_no, id_field, text_field)
                     offsets.append(offset)

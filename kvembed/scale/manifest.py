@@ -111,10 +111,24 @@ def read_manifest(outdir) -> dict:
 def intact(outdir: Path, key: str) -> bool:
     """manifest.json is complete and of the run `key`, and embeddings.npy and ids.json match its sha256."""
     try:
-        load_corpus_embeddings(outdir)  # reads the manifest, checks both files against it
+        manifest = read_manifest(outdir)
+        if manifest.get("run_key") != key:  # checked first: no hashing for another run's manifest
+            return False
+        listed_files(outdir, manifest)  # raises when a file is missing or its sha256 moved
     except OutdirError:
         return False
-    return read_manifest(outdir).get("run_key") == key
+    return True
+
+
+def listed_files(outdir, manifest: dict, verify: bool = True) -> tuple[Path, Path]:
+    """embeddings.npy and ids.json as `manifest` lists them: present and, with `verify`, of its sha256."""
+    paths = Path(outdir) / manifest["embeddings"]["file"], Path(outdir) / manifest["ids"]["file"]
+    for path, entry in zip(paths, (manifest["embeddings"], manifest["ids"])):
+        if not path.is_file():
+            raise OutdirError(f"{path}: listed in manifest.json but missing")
+        if verify and sha256_file(path) != entry["sha256"]:
+            raise OutdirError(f"{path}: sha256 differs from manifest.json (file changed or damaged)")
+    return paths
 
 
 def load_corpus_embeddings(outdir, *, verify: bool = True) -> tuple[list, np.ndarray]:
@@ -122,14 +136,8 @@ def load_corpus_embeddings(outdir, *, verify: bool = True) -> tuple[list, np.nda
     of OUTDIR/embeddings.npy, float32 (N, dim): rows are read from disk as they are touched.
     verify (default) first checks the sha256 of both files against the manifest, which reads them once (about
     1 s per GB here, docs/scale-out.md); verify=False skips that for a folder you trust."""
-    outdir = Path(outdir)
     manifest = read_manifest(outdir)
-    emb_path, ids_path = outdir / manifest["embeddings"]["file"], outdir / manifest["ids"]["file"]
-    for path, entry in ((emb_path, manifest["embeddings"]), (ids_path, manifest["ids"])):
-        if not path.is_file():
-            raise OutdirError(f"{path}: listed in manifest.json but missing")
-        if verify and sha256_file(path) != entry["sha256"]:
-            raise OutdirError(f"{path}: sha256 differs from manifest.json (file changed or damaged)")
+    emb_path, ids_path = listed_files(outdir, manifest, verify)
     ids = json.loads(ids_path.read_text(encoding="utf-8"))
     matrix = np.load(emb_path, mmap_mode="r")
     expected = (manifest["count"], manifest["dim"])
